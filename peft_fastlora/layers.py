@@ -1,0 +1,78 @@
+"""The fast LoRA layers: PEFT's own modules with a mixed-batch forward that reads the shared batch plan.
+
+A layer is patched by swapping its class for a subclass of its own class (``fast_class``), so the module keeps its
+identity, parameters, state_dict keys, ``repr`` and every PEFT method; only ``forward`` changes. When no mixed
+batch is in flight (no plan) or PEFT hands the layer ``adapter_names`` itself (a fallback chosen by the model-level
+call), the forward is PEFT's own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft.tuners.lora import layer as lora_layer
+
+
+class FastLinearMixin:
+    """Mixed-batch forward for PEFT's ``lora.Linear`` (nn.Linear, and transformers' Conv1D via fan_in_fan_out)."""
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        state = self._fastlora_state
+        plan = state.plan
+        if plan is None or self.disable_adapters or "adapter_names" in kwargs:
+            return super().forward(x, *args, **kwargs)
+        view = plan.view(x.shape[0], flattened=x.dim() == 2)
+        result = self.base_layer(x, *args, **kwargs)
+        state.backend.add_lora(result, x, self._fastlora_packed, view)
+        return result
+
+
+class FastEmbeddingMixin:
+    """Mixed-batch forward for PEFT's ``lora.Embedding``."""
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        state = self._fastlora_state
+        plan = state.plan
+        if plan is None or self.disable_adapters or "adapter_names" in kwargs:
+            return super().forward(x, *args, **kwargs)
+        view = plan.view(x.shape[0], flattened=x.dim() == 1)
+        result = self.base_layer(x, *args, **kwargs)
+        state.backend.add_embedding_lora(result, x, self._fastlora_packed, view, self._get_embed_scale())
+        return result
+
+
+FAST_MIXINS = {lora_layer.Linear: FastLinearMixin, lora_layer.Embedding: FastEmbeddingMixin}
+"""PEFT layer classes served by the packed path, by exact type (subclasses such as quantized layers are not)."""
+
+_fast_classes: dict[type, type] = {}
+
+
+def fast_class(peft_class: type) -> type:
+    """The patched subclass of ``peft_class``, created once and cached.
+
+    It keeps ``peft_class``'s name, so ``print(model)`` reads exactly as before the patch.
+    """
+    if peft_class not in _fast_classes:
+        mixin = FAST_MIXINS[peft_class]
+        namespace = {"__module__": peft_class.__module__, "_fastlora_peft_class": peft_class}
+        _fast_classes[peft_class] = type(peft_class.__name__, (mixin, peft_class), namespace)
+    return _fast_classes[peft_class]
+
+
+def is_fast_layer(module: torch.nn.Module) -> bool:
+    """True for a layer patched by ``fast_class``."""
+    return "_fastlora_peft_class" in type(module).__dict__
+
+
+def patch_layer(module: torch.nn.Module, state) -> None:
+    """Swap ``module`` (a PEFT Linear or Embedding) to its fast class and attach the shared patch state."""
+    module._fastlora_state = state
+    module.__class__ = fast_class(type(module))
+
+
+def unpatch_layer(module: torch.nn.Module) -> None:
+    """Restore ``module``'s PEFT class and drop everything the patch attached."""
+    module.__class__ = type(module)._fastlora_peft_class
+    for attribute in ("_fastlora_state", "_fastlora_packed", "_fastlora_unsupported"):
+        module.__dict__.pop(attribute, None)

@@ -1,0 +1,46 @@
+"""PEFT's own error messages, word for word.
+
+A user switching from plain PEFT to a patched model must see the same errors for the same mistakes, so every
+message PEFT has for mixed-adapter batches is reproduced here once (from ``peft/tuners/lora/layer.py`` and
+``peft/tuners/lora/model.py``, PEFT 0.21) and raised from one place.
+"""
+
+from __future__ import annotations
+
+BASE_ADAPTER_NAME = "__base__"
+"""The name PEFT gives a row that gets no LoRA at all."""
+
+
+def length_mismatch(num_names: int, num_inputs: int) -> ValueError:
+    """PEFT's error for an ``adapter_names`` list whose length differs from the batch size."""
+    return ValueError(
+        "Length of `adapter_names` should be the same as the number of inputs, but got "
+        f"{num_names} and {num_inputs} respectively."
+    )
+
+
+def merged_adapters() -> ValueError:
+    """PEFT's error for ``adapter_names`` while an adapter is merged into the base weights."""
+    return ValueError(
+        "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+    )
+
+
+def dora_enabled() -> ValueError:
+    """PEFT's error for ``adapter_names`` that name a DoRA adapter."""
+    return ValueError("Cannot pass `adapter_names` when DoRA is enabled.")
+
+
+def training_mode() -> ValueError:
+    """PEFT's error for ``adapter_names`` while the model is in training mode."""
+    return ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+
+
+def unknown_adapters(names: set[str]) -> ValueError:
+    """PEFT's error for adapter names that no LoRA layer of the model holds."""
+    return ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(names))}")
+
+
+def not_a_list(adapter_names: object) -> TypeError:
+    """PEFT's error for ``adapter_names`` that is not a list of strings."""
+    return TypeError(f"Got adapter names of type {type(adapter_names)}, expected a list of str.")

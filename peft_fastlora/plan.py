@@ -1,0 +1,196 @@
+"""The batch plan: which adapter slot each row of the batch uses, built once per model call.
+
+PEFT hands ``adapter_names`` to every LoRA layer and each layer regroups the rows in Python. Here the model-level
+call turns the names into slot ids once, sorts the rows by slot once, and every layer reads the result.
+
+The device-side metadata lives in one preallocated int32 buffer that is refilled in place (one host-to-device
+copy per call), so a CUDA graph captured over a forward sees a new assignment of adapters to rows without a
+re-capture. Layout of the buffer, each section ``capacity`` long::
+
+    row_slots    slot of each row, BASE_SLOT (-1) for "__base__"
+    sorted_rows  the LoRA rows (base rows left out), grouped by slot, in row order inside each group
+    seg_slots    per segment (one per distinct slot): its slot
+    seg_starts   per segment: its first position in sorted_rows
+    seg_lens     per segment: its number of rows
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .bank import BASE_SLOT
+from .peft_messages import length_mismatch
+
+_SECTIONS = 5
+
+
+@dataclass
+class PlanView:
+    """The plan seen from one layer input whose leading dimension has ``num_rows`` entries.
+
+    Attributes
+    ----------
+    row_slots : torch.Tensor
+        int32 ``[num_rows]``, the slot of each leading-dimension entry, -1 for base rows.
+    sorted_rows : torch.Tensor
+        int32 ``[num_lora_rows]``, the non-base entries grouped by slot.
+    seg_slots, seg_starts, seg_lens : torch.Tensor
+        int32 ``[num_segments]``, one segment per distinct non-base slot.
+    groups : list[tuple[int, int, int]]
+        Host copy of the segments: ``(slot, start, length)``, for backends that loop in Python.
+    max_seg_len : int
+        The longest segment, for kernels that size a grid by it.
+    """
+
+    row_slots: torch.Tensor
+    sorted_rows: torch.Tensor
+    seg_slots: torch.Tensor
+    seg_starts: torch.Tensor
+    seg_lens: torch.Tensor
+    groups: list[tuple[int, int, int]]
+    max_seg_len: int
+    _row_index: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def num_rows(self) -> int:
+        return self.row_slots.shape[0]
+
+    def group_rows(self, start: int, length: int) -> torch.Tensor:
+        """int32 indices of the rows of one segment (a view of ``sorted_rows``)."""
+        return self.sorted_rows[start : start + length]
+
+
+def _segments(slots: list[int]) -> tuple[list[int], list[tuple[int, int, int]]]:
+    """Group the non-base rows by slot: return (rows sorted by slot, [(slot, start, length)])."""
+    by_slot: dict[int, list[int]] = {}
+    for row, slot in enumerate(slots):
+        if slot != BASE_SLOT:
+            by_slot.setdefault(slot, []).append(row)
+    sorted_rows: list[int] = []
+    groups = []
+    for slot in sorted(by_slot):
+        groups.append((slot, len(sorted_rows), len(by_slot[slot])))
+        sorted_rows.extend(by_slot[slot])
+    return sorted_rows, groups
+
+
+class BatchPlan:
+    """Row → slot metadata for one model call, in preallocated buffers on one device.
+
+    Parameters
+    ----------
+    device : torch.device
+        Where the layers that read this plan run.
+    """
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self.capacity = 0
+        self._buffer = torch.empty(0, dtype=torch.int32, device=self.device)
+        self._staging = torch.empty(0, dtype=torch.int32)
+        self.slots: list[int] = []
+        self.num_input_rows = 0
+        self._views: dict[int, PlanView] = {}
+        self._input_plan: BatchPlan | None = None
+
+    def _ensure_capacity(self, rows: int) -> None:
+        if rows <= self.capacity:
+            return
+        # Grow geometrically so that a run of growing batches reallocates (and re-captures graphs) rarely.
+        self.capacity = max(rows, 2 * self.capacity, 8)
+        self._buffer = torch.empty(_SECTIONS * self.capacity, dtype=torch.int32, device=self.device)
+        pin = self.device.type == "cuda"
+        self._staging = torch.empty(_SECTIONS * self.capacity, dtype=torch.int32, pin_memory=pin)
+
+    def _section(self, index: int, length: int) -> torch.Tensor:
+        start = index * self.capacity
+        return self._buffer[start : start + length]
+
+    def fill(self, slots: list[int], expand: int = 1) -> None:
+        """Refill the plan in place for a new call.
+
+        Parameters
+        ----------
+        slots : list[int]
+            The slot of each input row, ``BASE_SLOT`` for base rows (length B).
+        expand : int
+            How many copies of each input row the model will see, consecutively (beam search and
+            ``num_return_sequences`` repeat each row this often, as ``repeat_interleave`` does).
+        """
+        self.num_input_rows = len(slots)
+        self.slots = [slot for slot in slots for _ in range(expand)]
+        rows = len(self.slots)
+        sorted_rows, groups = _segments(self.slots)
+        self._ensure_capacity(rows)
+        host = self._staging
+        host[:rows] = torch.tensor(self.slots, dtype=torch.int32)
+        cap = self.capacity
+        host[cap : cap + len(sorted_rows)] = torch.tensor(sorted_rows, dtype=torch.int32)
+        for column, values in enumerate(zip(*groups, strict=True) if groups else ((), (), ())):
+            start = (2 + column) * cap
+            host[start : start + len(groups)] = torch.tensor(values, dtype=torch.int32)
+        # A blocking copy, once per call: the staging buffer is reused by the next call, so the copy must be done.
+        self._buffer.copy_(host)
+        num_segments = len(groups)
+        self._views = {
+            rows: PlanView(
+                row_slots=self._section(0, rows),
+                sorted_rows=self._section(1, len(sorted_rows)),
+                seg_slots=self._section(2, num_segments),
+                seg_starts=self._section(3, num_segments),
+                seg_lens=self._section(4, num_segments),
+                groups=groups,
+                max_seg_len=max((length for _, _, length in groups), default=0),
+            )
+        }
+        self._input_plan = None
+        if expand > 1:
+            # Encoder layers of encoder-decoder models see the rows before expansion.
+            self._input_plan = BatchPlan(self.device)
+            self._input_plan.fill(slots)
+
+    def view(self, num_rows: int, flattened: bool) -> PlanView:
+        """The plan for a layer input of leading size ``num_rows``.
+
+        Parameters
+        ----------
+        num_rows : int
+            ``x.shape[0]`` of the layer input.
+        flattened : bool
+            True where the input is 2-D, so that its leading dimension may be batch × sequence flattened into
+            tokens (OPT's fc1/fc2 do this); each row's slot then applies to its ``num_rows // B`` tokens.
+
+        Raises
+        ------
+        ValueError
+            PEFT's length-mismatch error where ``num_rows`` fits no reading of the batch.
+        """
+        view = self._views.get(num_rows)
+        if view is not None:
+            return view
+        rows = len(self.slots)
+        if self._input_plan is not None and num_rows == self.num_input_rows:
+            return self._input_plan.view(num_rows, flattened)
+        if flattened and rows and num_rows % rows == 0:
+            view = self._token_view(num_rows // rows)
+            self._views[num_rows] = view
+            return view
+        raise length_mismatch(rows, num_rows)
+
+    def _token_view(self, tokens_per_row: int) -> PlanView:
+        """The plan with every row repeated ``tokens_per_row`` times, consecutively (a flattened [B*S, H] input)."""
+        row_view = self._views[len(self.slots)]
+        offsets = torch.arange(tokens_per_row, dtype=torch.int32, device=self.device)
+        sorted_tokens = (row_view.sorted_rows[:, None] * tokens_per_row + offsets).reshape(-1)
+        groups = [(slot, start * tokens_per_row, length * tokens_per_row) for slot, start, length in row_view.groups]
+        return PlanView(
+            row_slots=row_view.row_slots.repeat_interleave(tokens_per_row),
+            sorted_rows=sorted_tokens,
+            seg_slots=row_view.seg_slots,
+            seg_starts=row_view.seg_starts * tokens_per_row,
+            seg_lens=row_view.seg_lens * tokens_per_row,
+            groups=groups,
+            max_seg_len=row_view.max_seg_len * tokens_per_row,
+        )

@@ -1,0 +1,162 @@
+"""Patched mixed batches against the oracle: the same model unpatched (PEFT's own mixed batch), and per-adapter
+runs with ``set_adapter``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close_relative, load
+
+from peft_fastlora import patch_model, tiny, unpatch_model
+
+NAMES = ["a", "b", "__base__", "c", "a", "b"]
+
+
+def per_adapter_logits(model, batch, names):
+    """Each row's logits from a single-adapter forward with that row's adapter active: the oracle for mixed batches
+    that PEFT's own mixed path cannot run (OPT's flattened fc1/fc2)."""
+    rows = []
+    for row, name in enumerate(names):
+        single = {key: value[row : row + 1] for key, value in batch.items()}
+        if name == "__base__":
+            with model.disable_adapter():
+                rows.append(model(**single).logits)
+        else:
+            model.set_adapter(name)
+            rows.append(model(**single).logits)
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2", "phi3"])
+@torch.no_grad()
+def test_logits_match_peft_mixed_batch(architecture, adapter_dirs):
+    model = load(architecture, adapter_dirs)
+    batch = tiny.random_prompts(len(NAMES), 9, seed=int(torch.randint(0, 1000, ())))
+    expected = model(**batch, adapter_names=NAMES).logits
+    patch_model(model, backend="torch")
+    actual = model(**batch, adapter_names=NAMES).logits
+    assert_close_relative(actual, expected)
+    # The adapters must matter, or the comparison above proves nothing.
+    with model.disable_adapter():
+        base = model(**batch).logits
+    assert (expected - base).abs().amax(dim=(1, 2))[[0, 1, 3]].min() > 1e-3
+
+
+@pytest.mark.parametrize("architecture", tiny.ARCHITECTURES)
+@torch.no_grad()
+def test_logits_match_per_adapter_runs(architecture, adapter_dirs):
+    model = load(architecture, adapter_dirs)
+    batch = tiny.random_prompts(len(NAMES), 7, seed=int(torch.randint(0, 1000, ())))
+    expected = per_adapter_logits(model, batch, NAMES)
+    patch_model(model, backend="torch")
+    actual = model(**batch, adapter_names=NAMES).logits
+    # Single-row runs see different padding layouts only through the mask, so compare unmasked positions.
+    mask = batch["attention_mask"].bool()
+    assert_close_relative(actual[mask], expected[mask])
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2", "phi3"])
+@torch.no_grad()
+def test_greedy_generate_matches_peft(architecture, adapter_dirs):
+    model = load(architecture, adapter_dirs)
+    batch = tiny.random_prompts(len(NAMES), 6, seed=int(torch.randint(0, 1000, ())))
+    kwargs = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+    expected = model.generate(**batch, adapter_names=NAMES, **kwargs)
+    patch_model(model)
+    actual = model.generate(**batch, adapter_names=NAMES, **kwargs)
+    assert torch.equal(actual, expected)
+
+
+@torch.no_grad()
+def test_greedy_generate_opt_matches_per_adapter(adapter_dirs):
+    """OPT flattens [B, S, H] to [B*S, H] before fc1/fc2, where PEFT's mixed batch raises; the plan serves it per
+    token. Each row must equal a batch-of-one run with that row's adapter active."""
+    model = load("opt", adapter_dirs)
+    names = ["a", "__base__", "b", "c"]
+    batch = tiny.random_prompts(len(names), 5, seed=int(torch.randint(0, 1000, ())), left_padding=False)
+    batch["attention_mask"][:] = 1
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    expected = []
+    for row, name in enumerate(names):
+        single = {key: value[row : row + 1] for key, value in batch.items()}
+        if name == "__base__":
+            with model.disable_adapter():
+                expected.append(model.generate(**single, **kwargs))
+        else:
+            model.set_adapter(name)
+            expected.append(model.generate(**single, **kwargs))
+    patch_model(model)
+    actual = model.generate(**batch, adapter_names=names, **kwargs)
+    assert torch.equal(actual, torch.cat(expected))
+
+
+@torch.no_grad()
+def test_beam_search_matches_peft(adapter_dirs):
+    model = load("llama", adapter_dirs)
+    names = ["c", "__base__", "a"]
+    batch = tiny.random_prompts(len(names), 5, seed=int(torch.randint(0, 1000, ())))
+    kwargs = {"max_new_tokens": 6, "num_beams": 3, "do_sample": False, "pad_token_id": 0}
+    expected = model.generate(**batch, adapter_names=names, **kwargs)
+    patch_model(model)
+    actual = model.generate(**batch, adapter_names=names, **kwargs)
+    assert torch.equal(actual, expected)
+
+
+@torch.no_grad()
+def test_num_return_sequences_rows_keep_their_adapter(adapter_dirs):
+    """PEFT raises a length error here; patched, each returned sequence uses the adapter of its input row. The
+    oracle is PEFT on the inputs and names expanded by hand, sampled with the same seed."""
+    model = load("llama", adapter_dirs)
+    names = ["b", "__base__", "c"]
+    copies = 2
+    batch = tiny.random_prompts(len(names), 5, seed=int(torch.randint(0, 1000, ())))
+    kwargs = {"max_new_tokens": 6, "do_sample": True, "top_k": 0, "pad_token_id": 0}
+    with pytest.raises(ValueError, match="Length of `adapter_names`"):
+        model.generate(**batch, adapter_names=names, num_return_sequences=copies, **kwargs)
+    # PEFT leaves its hooks registered after that error, so the oracle needs a fresh model.
+    model = load("llama", adapter_dirs)
+    expanded = {key: value.repeat_interleave(copies, dim=0) for key, value in batch.items()}
+    torch.manual_seed(1234)
+    expected = model.generate(**expanded, adapter_names=[n for n in names for _ in range(copies)], **kwargs)
+    patch_model(model)
+    torch.manual_seed(1234)
+    actual = model.generate(**batch, adapter_names=names, num_return_sequences=copies, **kwargs)
+    assert torch.equal(actual, expected)
+
+
+@torch.no_grad()
+def test_sampling_with_fixed_seed_matches_peft(adapter_dirs):
+    model = load("gpt2", adapter_dirs)
+    batch = tiny.random_prompts(len(NAMES), 5, seed=int(torch.randint(0, 1000, ())))
+    kwargs = {"max_new_tokens": 6, "do_sample": True, "top_k": 20, "pad_token_id": 0}
+    torch.manual_seed(99)
+    expected = model.generate(**batch, adapter_names=NAMES, **kwargs)
+    patch_model(model)
+    torch.manual_seed(99)
+    actual = model.generate(**batch, adapter_names=NAMES, **kwargs)
+    assert torch.equal(actual, expected)
+
+
+@pytest.mark.parametrize("names", [["__base__"] * 3, ["b"]], ids=["all_base", "batch_of_one"])
+@torch.no_grad()
+def test_all_base_and_single_row(names, adapter_dirs):
+    model = load("phi3", adapter_dirs)
+    batch = tiny.random_prompts(len(names), 6, seed=int(torch.randint(0, 1000, ())))
+    expected = model(**batch, adapter_names=names).logits
+    patch_model(model)
+    assert_close_relative(model(**batch, adapter_names=names).logits, expected)
+
+
+@torch.no_grad()
+def test_modules_to_save_in_mixed_batch(tmp_path):
+    base = tiny.build_base_model("llama")
+    tiny.save_adapter(base, tmp_path / "x", seed=5, r=4, modules_to_save=["lm_head"])
+    tiny.save_adapter(base, tmp_path / "y", seed=6, r=8, modules_to_save=["lm_head"])
+    model = tiny.load_peft_model(tiny.build_base_model("llama"), {"x": tmp_path / "x", "y": tmp_path / "y"})
+    names = ["y", "x", "__base__", "y"]
+    batch = tiny.random_prompts(len(names), 6, seed=7)
+    expected = model(**batch, adapter_names=names).logits
+    patch_model(model)
+    assert_close_relative(model(**batch, adapter_names=names).logits, expected)
+    unpatch_model(model)
+    assert_close_relative(model(**batch, adapter_names=names).logits, expected)
