@@ -52,9 +52,7 @@ def test_single_adapter_paths_unchanged(adapter_dirs):
         peft_model.unmerge_adapter()
     assert_close_relative(model(**batch).logits, reference(**batch).logits)
     names = ["c", "__base__", "a"]
-    assert_close_relative(
-        model(**batch, adapter_names=names).logits, reference(**batch, adapter_names=names).logits
-    )
+    assert_close_relative(model(**batch, adapter_names=names).logits, reference(**batch, adapter_names=names).logits)
 
 
 def test_save_pretrained_same_keys_and_values(adapter_dirs, tmp_path):

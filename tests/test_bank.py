@@ -28,6 +28,7 @@ def test_packing_has_no_padding(adapter_dirs):
     slots = model.base_model._fastlora_state.bank.slots
     for name, rank in ranks.items():
         a, b_t = packed.adapter(slots[name])
+        assert a.shape[0] == rank
         assert torch.equal(a, q_proj.lora_A[name].weight)
         assert torch.allclose(b_t, q_proj.lora_B[name].weight.t() * q_proj.scaling[name])
     k_proj = model.base_model.model.model.layers[0].self_attn.k_proj  # adapter b targets every other module

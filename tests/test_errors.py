@@ -112,4 +112,3 @@ def test_adapter_names_not_a_list(pair):
     assert message == "Got adapter names of type <class 'str'>, expected a list of str."
     with pytest.raises(TypeError, match="expected a list of str"):
         model(**batch, adapter_names="abc")
-
