@@ -57,6 +57,10 @@ class PackedLora:
     def dtype(self) -> torch.dtype:
         return self.a.dtype
 
+    @property
+    def max_rank(self) -> int:
+        return max(self.ranks, default=0)
+
     def adapter(self, slot: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Return ``(a_s [r, in], b_t_s [r, out])`` for one slot, or None where this layer lacks that adapter."""
         rank = self.ranks[slot]

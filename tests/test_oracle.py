@@ -27,13 +27,20 @@ def per_adapter_logits(model, batch, names):
     return torch.cat(rows)
 
 
-@pytest.mark.parametrize("architecture", ["llama", "gpt2", "phi3"])
+# Interpreted Triton costs seconds per generate step on a CPU, so its end-to-end runs cover two architectures
+# (Llama, and GPT-2 for Conv1D) with short generations; the torch backend covers all of them.
+BACKEND_CASES = [
+    ("llama", "torch"), ("gpt2", "torch"), ("phi3", "torch"), ("llama", "triton"), ("gpt2", "triton"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("architecture,backend", BACKEND_CASES)
 @torch.no_grad()
-def test_logits_match_peft_mixed_batch(architecture, adapter_dirs):
+def test_logits_match_peft_mixed_batch(architecture, backend, adapter_dirs):
     model = load(architecture, adapter_dirs)
     batch = tiny.random_prompts(len(NAMES), 9, seed=int(torch.randint(0, 1000, ())))
     expected = model(**batch, adapter_names=NAMES).logits
-    patch_model(model, backend="torch")
+    patch_model(model, backend=backend)
     actual = model(**batch, adapter_names=NAMES).logits
     assert_close_relative(actual, expected)
     # The adapters must matter, or the comparison above proves nothing.
@@ -55,27 +62,28 @@ def test_logits_match_per_adapter_runs(architecture, adapter_dirs):
     assert_close_relative(actual[mask], expected[mask])
 
 
-@pytest.mark.parametrize("architecture", ["llama", "gpt2", "phi3"])
+@pytest.mark.parametrize("architecture,backend", BACKEND_CASES)
 @torch.no_grad()
-def test_greedy_generate_matches_peft(architecture, adapter_dirs):
+def test_greedy_generate_matches_peft(architecture, backend, adapter_dirs):
     model = load(architecture, adapter_dirs)
     batch = tiny.random_prompts(len(NAMES), 6, seed=int(torch.randint(0, 1000, ())))
-    kwargs = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+    kwargs = {"max_new_tokens": 8 if backend == "torch" else 3, "do_sample": False, "pad_token_id": 0}
     expected = model.generate(**batch, adapter_names=NAMES, **kwargs)
-    patch_model(model)
+    patch_model(model, backend=backend)
     actual = model.generate(**batch, adapter_names=NAMES, **kwargs)
     assert torch.equal(actual, expected)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @torch.no_grad()
-def test_greedy_generate_opt_matches_per_adapter(adapter_dirs):
+def test_greedy_generate_opt_matches_per_adapter(backend, adapter_dirs):
     """OPT flattens [B, S, H] to [B*S, H] before fc1/fc2, where PEFT's mixed batch raises; the plan serves it per
     token. Each row must equal a batch-of-one run with that row's adapter active."""
     model = load("opt", adapter_dirs)
     names = ["a", "__base__", "b", "c"]
     batch = tiny.random_prompts(len(names), 5, seed=int(torch.randint(0, 1000, ())), left_padding=False)
     batch["attention_mask"][:] = 1
-    kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    kwargs = {"max_new_tokens": 6 if backend == "torch" else 3, "do_sample": False, "pad_token_id": 0}
     expected = []
     for row, name in enumerate(names):
         single = {key: value[row : row + 1] for key, value in batch.items()}
@@ -85,7 +93,7 @@ def test_greedy_generate_opt_matches_per_adapter(adapter_dirs):
         else:
             model.set_adapter(name)
             expected.append(model.generate(**single, **kwargs))
-    patch_model(model)
+    patch_model(model, backend=backend)
     actual = model.generate(**batch, adapter_names=names, **kwargs)
     assert torch.equal(actual, torch.cat(expected))
 
@@ -160,3 +168,33 @@ def test_modules_to_save_in_mixed_batch(tmp_path):
     assert_close_relative(model(**batch, adapter_names=names).logits, expected)
     unpatch_model(model)
     assert_close_relative(model(**batch, adapter_names=names).logits, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_triton_greedy_tokens_on_gpu(dtype, tmp_path):
+    """Greedy tokens equal PEFT's on the GPU: the tiny model in fp32, and a wider one (hidden 1024) in bf16."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if dtype == torch.float32:
+        config = tiny.tiny_config("llama")
+    else:
+        config = LlamaConfig(
+            hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=8,
+            num_key_value_heads=4, vocab_size=tiny.VOCAB_SIZE, pad_token_id=0, max_position_embeddings=256,
+        )  # fmt: skip
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    ranks = {"a": 8, "b": 16, "c": 64}
+    for seed, (name, rank) in enumerate(ranks.items(), start=1):
+        tiny.save_adapter(base, tmp_path / name, seed=seed, r=rank, lora_alpha=rank)
+    model = tiny.load_peft_model(base, {name: tmp_path / name for name in ranks}).to("cuda")
+    names = ["a", "b", "__base__", "c", "b", "a", "c", "c"]
+    batch = {key: value.cuda() for key, value in tiny.random_prompts(len(names), 12, seed=5).items()}
+    kwargs = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0}
+    expected = model.generate(**batch, adapter_names=names, **kwargs)
+    patch_model(model)
+    assert type(model.base_model._fastlora_state.backend).__name__ == "TritonBackend"  # auto picks Triton on CUDA
+    actual = model.generate(**batch, adapter_names=names, **kwargs)
+    assert torch.equal(actual, expected)

@@ -7,6 +7,8 @@ that all others must match.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .torch_ref import TorchBackend
@@ -16,6 +18,17 @@ BACKEND_NAMES = ("auto", "triton", "flashinfer", "torch")
 
 def _unavailable(name: str, why: str) -> RuntimeError:
     return RuntimeError(f"peft_fastlora backend {name!r} is not available: {why}")
+
+
+def _triton_problem(device: torch.device) -> str | None:
+    """Why Triton cannot run on ``device``, or None. On CPU it runs only through the interpreter (tests)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed (pip install triton)."
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return f"Triton kernels need a CUDA device (the model is on {device.type}), or TRITON_INTERPRET=1 for tests."
 
 
 def get_backend(name: str, device: torch.device):
@@ -38,8 +51,15 @@ def get_backend(name: str, device: torch.device):
     """
     if name not in BACKEND_NAMES:
         raise ValueError(f"Unknown peft_fastlora backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}.")
-    if name in ("auto", "torch"):
+    if name == "torch" or (name == "auto" and device.type != "cuda"):
         return TorchBackend()
-    if name == "triton":
-        raise _unavailable(name, "the Triton kernels are not implemented yet; use backend='torch'.")
+    if name in ("auto", "triton"):
+        why = _triton_problem(device)
+        if why is None:
+            from .triton import TritonBackend
+
+            return TritonBackend()
+        if name == "auto":
+            return TorchBackend()
+        raise _unavailable(name, why)
     raise _unavailable(name, "the FlashInfer backend is not implemented yet; use backend='torch'.")

@@ -1,0 +1,1 @@
+"""Segmented multi-LoRA kernels (Triton) and the plain torch reference they are tested against."""

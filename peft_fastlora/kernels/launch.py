@@ -1,0 +1,105 @@
+"""Launchers for the segmented LoRA kernels, registered as a torch custom op so torch.compile traces them.
+
+``lora_add_`` mutates ``y`` in place and returns nothing; its fake implementation does nothing, which is all the
+tracer needs to know. Grids are sized from host integers the plan already holds (segment count, longest
+segment), so a launch never reads device memory on the host.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from .sgmv import expand_kernel, shrink_kernel
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Scratch allocations go through this name so that tests can poison them with NaN (unwritten reads show up).
+scratch_empty = torch.empty
+
+
+def _config(seg_tokens: int, num_segments: int, k: int, n: int, rank_block: int, device: torch.device) -> dict:
+    """Block sizes and K-split for one call.
+
+    Under the interpreter a fixed small config keeps CPU tests fast (and still splits K, to cover that path).
+    On a GPU the tile over tokens follows the longest segment (decode: 16, prefill: 64), and K is split until
+    there are about two programs per multiprocessor, since decode has too few tokens to fill the GPU otherwise.
+    """
+    if INTERPRETED or device.type != "cuda":
+        block_k = 32
+        return {"BLOCK_M": 16, "BLOCK_K": block_k, "BLOCK_N": 32, "splits": min(2, triton.cdiv(k, block_k))}
+    block_m = 16 if seg_tokens <= 16 else 32 if seg_tokens <= 32 else 64
+    block_k = 128 if rank_block <= 32 else 64
+    block_n = 128 if rank_block <= 64 else 64
+    programs = num_segments * triton.cdiv(seg_tokens, block_m)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    splits = max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(k, block_k)))
+    return {"BLOCK_M": block_m, "BLOCK_K": block_k, "BLOCK_N": block_n, "splits": splits}
+
+
+@torch.library.custom_op("peft_fastlora::lora_add_", mutates_args=("y",))
+def lora_add_(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b_t: torch.Tensor,
+    offsets: torch.Tensor,
+    ranks: torch.Tensor,
+    sorted_rows: torch.Tensor,
+    seg_slots: torch.Tensor,
+    seg_starts: torch.Tensor,
+    seg_lens: torch.Tensor,
+    tokens_per_row: int,
+    max_seg_rows: int,
+    max_rank: int,
+) -> None:
+    """``y[t] += (x[t] @ A_sᵀ) @ B_tₛ`` for every token t of every segment, in place.
+
+    Parameters
+    ----------
+    y : torch.Tensor
+        ``[T, N]``, row stride arbitrary, unit column stride; fp16, bf16 or fp32.
+    x : torch.Tensor
+        ``[T, K]``, unit column stride; cast to ``a``'s dtype tile by tile.
+    a, b_t : torch.Tensor
+        ``[R, K]`` and ``[R, N]`` contiguous packed adapters.
+    offsets, ranks : torch.Tensor
+        int32 ``[num_slots]``.
+    sorted_rows, seg_slots, seg_starts, seg_lens : torch.Tensor
+        int32 plan metadata; rows index groups of ``tokens_per_row`` consecutive tokens.
+    tokens_per_row : int
+        Tokens per plan row (the sequence length for a ``[B, S, H]`` input).
+    max_seg_rows, max_rank : int
+        The longest segment (in rows) and the largest rank, for the grid and the rank tile.
+    """
+    num_segments = seg_slots.shape[0]
+    if num_segments == 0 or max_rank == 0:
+        return
+    num_tokens, k = x.shape
+    n = y.shape[1]
+    seg_tokens = max_seg_rows * tokens_per_row
+    rank_block = max(16, triton.next_power_of_2(max_rank))
+    config = _config(seg_tokens, num_segments, k, n, rank_block, x.device)
+    block_m, splits = config["BLOCK_M"], config["splits"]
+    k_per_split = triton.cdiv(triton.cdiv(k, splits), config["BLOCK_K"]) * config["BLOCK_K"]
+    splits = triton.cdiv(k, k_per_split)
+    precision = "ieee" if a.dtype == torch.float32 else "tf32"
+    h = scratch_empty(splits, num_tokens, rank_block, dtype=torch.float32, device=x.device)
+    mblocks = triton.cdiv(seg_tokens, block_m)
+    metadata = (sorted_rows, seg_slots, seg_starts, seg_lens, offsets, ranks)
+    shrink_kernel[(num_segments, mblocks, splits)](
+        x, a, h, *metadata, k, num_tokens, tokens_per_row, x.stride(0),
+        BLOCK_M=block_m, BLOCK_R=rank_block, BLOCK_K=config["BLOCK_K"], K_STEPS=k_per_split // config["BLOCK_K"],
+        PRECISION=precision,
+    )  # fmt: skip
+    expand_kernel[(num_segments, mblocks, triton.cdiv(n, config["BLOCK_N"]))](
+        h, b_t, y, *metadata, n, num_tokens, tokens_per_row, y.stride(0),
+        BLOCK_M=block_m, BLOCK_R=rank_block, BLOCK_N=config["BLOCK_N"], SPLITS=splits, PRECISION=precision,
+    )  # fmt: skip
+
+
+@lora_add_.register_fake
+def _lora_add_fake(y, x, a, b_t, offsets, ranks, sorted_rows, seg_slots, seg_starts, seg_lens, *sizes) -> None:
+    return None

@@ -1,0 +1,106 @@
+"""Segmented LoRA kernels: shrink ``h = x @ A_sᵀ`` then expand ``y += h @ B_sᵀ``, rows grouped by adapter.
+
+The plan groups the rows of a batch by adapter slot into segments. Each program of a kernel owns one tile of
+one segment, so every token in it uses the same adapter and the adapter's weight tiles are loaded once per
+tile, not once per token. That serves decode (one token per row: BGMV-like, many small segments) and prefill
+(long rows tiled along the sequence: SGMV) with the same code; only the block sizes change.
+
+- Ranks are ragged: adapter ``s`` owns packed rows ``offsets[s] : offsets[s] + ranks[s]``; loads beyond the
+  rank are masked, so a rank-8 adapter reads 8 rows even when its tile is 16 wide.
+- ``__base__`` rows are in no segment and cost nothing.
+- The shrink splits K across programs (decode has few tokens, so K is where the parallelism is); it writes
+  fp32 partial sums ``h[split, token, r]`` that the expand adds up, so no atomics and no zero-fill launch.
+- Tokens are addressed as ``row * tokens_per_row + position``: integer offsets only, so the kernels also run
+  under ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _segment_tokens(sorted_rows_ptr, seg_starts_ptr, seg_lens_ptr, seg, mblock, tokens_per_row, BLOCK_M: tl.constexpr):
+    """Token indices of tile ``mblock`` of segment ``seg``, and their mask."""
+    seg_tokens = tl.load(seg_lens_ptr + seg) * tokens_per_row
+    position = mblock * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask = position < seg_tokens
+    row = tl.load(sorted_rows_ptr + tl.load(seg_starts_ptr + seg) + position // tokens_per_row, mask=mask, other=0)
+    return row * tokens_per_row + position % tokens_per_row, mask, seg_tokens
+
+
+@triton.jit
+def shrink_kernel(
+    x_ptr, a_ptr, h_ptr,
+    sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, offsets_ptr, ranks_ptr,
+    K, num_tokens, tokens_per_row, stride_x,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``h[split, t, :rank] = x[t, k-range] @ A_s[:, k-range]ᵀ`` for the tokens of one tile of one segment."""
+    seg = tl.program_id(0)
+    mblock = tl.program_id(1)
+    split = tl.program_id(2)
+    slot = tl.load(seg_slots_ptr + seg)
+    rank = tl.load(ranks_ptr + slot)
+    tokens, token_mask, seg_tokens = _segment_tokens(
+        sorted_rows_ptr, seg_starts_ptr, seg_lens_ptr, seg, mblock, tokens_per_row, BLOCK_M
+    )
+    if (mblock * BLOCK_M < seg_tokens) & (rank > 0):
+        first_row = tl.load(offsets_ptr + slot)
+        r = tl.arange(0, BLOCK_R)
+        r_mask = r < rank
+        k_start = split * K_STEPS * BLOCK_K
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        # Each split covers K_STEPS blocks of K; the mask handles K's tail. The step count is a compile-time
+        # constant: a loop bound read from a kernel argument breaks the interpreter with NumPy >= 2.4.
+        for step in range(K_STEPS):
+            kk = k_start + step * BLOCK_K + tl.arange(0, BLOCK_K)
+            k_mask = kk < K
+            x_tile = tl.load(
+                x_ptr + tokens[:, None] * stride_x + kk[None, :], mask=token_mask[:, None] & k_mask[None, :], other=0.0
+            )
+            a_tile = tl.load(
+                a_ptr + (first_row + r)[None, :] * K + kk[:, None], mask=r_mask[None, :] & k_mask[:, None], other=0.0
+            )
+            acc += tl.dot(x_tile.to(a_tile.dtype), a_tile, input_precision=PRECISION)
+        h_offsets = (split * num_tokens + tokens)[:, None] * BLOCK_R + r[None, :]
+        tl.store(h_ptr + h_offsets, acc, mask=token_mask[:, None])
+
+
+@triton.jit
+def expand_kernel(
+    h_ptr, b_ptr, y_ptr,
+    sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, offsets_ptr, ranks_ptr,
+    N, num_tokens, tokens_per_row, stride_y,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``y[t, n-tile] += (Σ_split h[split, t]) @ B_tₛ[:, n-tile]`` for the tokens of one tile of one segment."""
+    seg = tl.program_id(0)
+    mblock = tl.program_id(1)
+    nblock = tl.program_id(2)
+    slot = tl.load(seg_slots_ptr + seg)
+    rank = tl.load(ranks_ptr + slot)
+    tokens, token_mask, seg_tokens = _segment_tokens(
+        sorted_rows_ptr, seg_starts_ptr, seg_lens_ptr, seg, mblock, tokens_per_row, BLOCK_M
+    )
+    if (mblock * BLOCK_M < seg_tokens) & (rank > 0):
+        first_row = tl.load(offsets_ptr + slot)
+        r = tl.arange(0, BLOCK_R)
+        r_mask = r < rank
+        h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for split in range(SPLITS):
+            h_offsets = (split * num_tokens + tokens)[:, None] * BLOCK_R + r[None, :]
+            h += tl.load(h_ptr + h_offsets, mask=token_mask[:, None] & r_mask[None, :], other=0.0)
+        n = nblock * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = n < N
+        b_tile = tl.load(
+            b_ptr + (first_row + r)[:, None] * N + n[None, :], mask=r_mask[:, None] & n_mask[None, :], other=0.0
+        )
+        delta = tl.dot(h.to(b_tile.dtype), b_tile, input_precision=PRECISION)
+        y_offsets = tokens[:, None] * stride_y + n[None, :]
+        y_mask = token_mask[:, None] & n_mask[None, :]
+        y_tile = tl.load(y_ptr + y_offsets, mask=y_mask, other=0.0)
+        tl.store(y_ptr + y_offsets, (y_tile.to(tl.float32) + delta).to(y_tile.dtype), mask=y_mask)

@@ -1,0 +1,140 @@
+"""The Triton kernels against the per-token torch reference (and the torch backend), on CPU through
+``TRITON_INTERPRET=1`` (set in conftest) in fp32 and fp16, and on a GPU at real sizes in bf16 and fp16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peft_fastlora.backends.torch_ref import TorchBackend
+from peft_fastlora.backends.triton import TritonBackend
+from peft_fastlora.bank import BASE_SLOT, PackedLora
+from peft_fastlora.kernels import launch
+from peft_fastlora.kernels.reference import lora_delta_reference
+from peft_fastlora.plan import BatchPlan
+
+RANKS = [4, 8, 16, 64]
+
+
+@pytest.fixture(autouse=True)
+def _poison_scratch(monkeypatch):
+    """Kernel scratch buffers start as NaN, so a read of anything the shrink did not write shows up."""
+
+    def poisoned(*shape, **kwargs):
+        return torch.full(shape, float("nan"), **kwargs)
+
+    monkeypatch.setattr(launch, "scratch_empty", poisoned)
+
+
+def random_packed(ranks, k, n, dtype, device, absent=()):
+    """Packed adapters of the given ranks (slots in order), without padding; slots in ``absent`` have rank 0."""
+    ranks = [0 if slot in absent else rank for slot, rank in enumerate(ranks)]
+    offsets = [sum(ranks[:slot]) for slot in range(len(ranks))]
+    total = sum(ranks)
+    a = (torch.randn(total, k, device=device) / k**0.5).to(dtype)
+    b_t = (torch.randn(total, n, device=device) / 4).to(dtype)
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.int32, device=device)  # noqa: E731
+    return PackedLora(a, b_t, offsets, ranks, as_tensor(offsets), as_tensor(ranks))
+
+
+def assignment(popularity, rows, num_adapters, generator):
+    """Row → slot under one popularity law (``BASE_SLOT`` is a row with no adapter)."""
+    if popularity == "identical":
+        return [1] * rows
+    if popularity == "distinct":
+        return [row % num_adapters for row in range(rows)]
+    if popularity == "all_base":
+        return [BASE_SLOT] * rows
+    if popularity == "uniform":
+        weights = torch.ones(num_adapters + 1)
+    elif popularity == "zipf":
+        weights = 1.0 / torch.arange(1, num_adapters + 2, dtype=torch.float)
+    elif popularity == "skewed":
+        weights = torch.tensor([0.05] + [0.9] + [0.05 / (num_adapters - 1)] * (num_adapters - 1))
+    else:
+        raise ValueError(popularity)
+    draws = torch.multinomial(weights, rows, replacement=True, generator=generator)
+    return [int(d) - 1 for d in draws]  # draw 0 is a base row
+
+
+def check(rows, tokens_per_row, popularity, dtype, device, k=72, n=136, ranks=RANKS, absent=(), flatten=False):
+    generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    slots = assignment(popularity, rows, len(ranks), generator)
+    packed = random_packed(ranks, k, n, dtype, device, absent)
+    plan = BatchPlan(device)
+    plan.fill(slots)
+    shape = (rows * tokens_per_row,) if flatten else (rows, tokens_per_row)
+    x = torch.randn(*shape, k, device=device).to(dtype)
+    y = torch.randn(*shape, n, device=device).to(dtype)
+    view = plan.view(x.shape[0], flattened=x.dim() == 2)
+    token_slots = [slot for slot in slots for _ in range(tokens_per_row)]
+    expected = lora_delta_reference(
+        y.reshape(-1, n), x.reshape(-1, k), packed.a, packed.b_t, packed.offsets, packed.ranks, token_slots
+    )
+    actual = y.clone()
+    TritonBackend().add_lora(actual, x, packed, view)
+    by_torch = y.clone()
+    TorchBackend().add_lora(by_torch, x, packed, view)
+    tolerance = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    for result in (actual, by_torch):
+        assert not torch.isnan(result).any()
+        error = (result.reshape(-1, n).float() - expected.float()).abs().max() / expected.float().abs().max()
+        assert error <= tolerance, f"relative error {error.item():.3g}"
+    base_rows = torch.tensor([slot == BASE_SLOT or slot in absent for slot in token_slots], device=device)
+    assert torch.equal(actual.reshape(-1, n)[base_rows], y.reshape(-1, n)[base_rows])  # untouched, bit for bit
+
+
+POPULARITIES = ["identical", "distinct", "uniform", "zipf", "skewed", "all_base"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("popularity", POPULARITIES)
+@pytest.mark.parametrize("rows", [1, 3, 32])
+def test_decode_interpreted(rows, popularity, dtype):
+    check(rows, 1, popularity, dtype, "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("popularity", ["uniform", "zipf"])
+def test_many_tokens_interpreted(popularity, dtype):
+    check(257, 1, popularity, dtype, "cpu", k=40, n=24, ranks=[4, 16])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_prefill_interpreted(dtype):
+    check(3, 19, "distinct", dtype, "cpu", ranks=[8, 64, 4])
+
+
+def test_flattened_tokens_interpreted():
+    check(4, 5, "uniform", torch.float32, "cpu", flatten=True)
+
+
+def test_single_adapter_and_absent_adapter_interpreted():
+    check(5, 2, "identical", torch.float32, "cpu", ranks=[16, 8])
+    check(6, 1, "distinct", torch.float32, "cpu", ranks=[16, 8, 4], absent=(1,))
+
+
+def test_fake_op_traces_without_running():
+    """The custom op has a fake implementation: torch.compile-style tracing with FakeTensors runs no kernel."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        y, x = torch.empty(6, 8), torch.empty(6, 4)
+        a, b = torch.empty(3, 4), torch.empty(3, 8)
+        meta = [torch.empty(2, dtype=torch.int32) for _ in range(6)]
+        torch.ops.peft_fastlora.lora_add_(y, x, a, b, *meta, 1, 3, 3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("popularity", ["identical", "distinct", "uniform", "zipf", "skewed", "all_base"])
+@pytest.mark.parametrize("rows", [1, 3, 32, 257])
+@pytest.mark.parametrize("k,n", [(4096, 4096), (4096, 14336), (14336, 4096)])
+def test_real_sizes_gpu(rows, popularity, dtype, k, n):
+    check(rows, 1, popularity, dtype, "cuda", k=k, n=n)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_prefill_gpu(dtype):
+    check(8, 512, "distinct", dtype, "cuda", k=4096, n=4096, ranks=[16, 64, 8, 128])
