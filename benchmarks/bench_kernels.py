@@ -1,0 +1,139 @@
+"""One LoRA layer's shrink+expand on the GPU: torch backend vs Triton, against the HBM floor.
+
+For each case it builds packed bf16 adapters and a plan with the tokens' adapters assigned round-robin, then
+times ``backend.add_lora`` two ways:
+
+- wall: ``triton.testing.do_bench`` of the eager call (includes Python and launch cost);
+- graph: ``do_bench`` of a CUDA-graph replay of the same call (device time without the host), what CUDA-graph
+  decode pays.
+
+The floor is the bytes that must move (x, y read and written, the distinct adapters' A and B) divided by the
+copy bandwidth measured in the same run. Prefill is also compared with a dense single-adapter
+``x @ Aᵀ @ Bᵀ`` of the same shape done by torch.
+
+    python benchmarks/bench_kernels.py --out results/kernels.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+
+import torch
+import triton
+
+from peft_fastlora.backends.torch_ref import TorchBackend
+from peft_fastlora.backends.triton import TritonBackend
+from peft_fastlora.bank import PackedLora
+from peft_fastlora.plan import BatchPlan
+
+DTYPE = torch.bfloat16
+BYTES = 2
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a 1 GiB device-to-device copy (read + write counted)."""
+    source = torch.empty(2**29, dtype=DTYPE, device="cuda")
+    target = torch.empty_like(source)
+    milliseconds = triton.testing.do_bench(lambda: target.copy_(source), rep=200)
+    return 2 * source.numel() * BYTES / (milliseconds * 1e-3)
+
+
+def packed_adapters(num_adapters: int, rank: int, k: int, n: int) -> PackedLora:
+    a = torch.randn(num_adapters * rank, k, device="cuda", dtype=DTYPE) / k**0.5
+    b_t = torch.randn(num_adapters * rank, n, device="cuda", dtype=DTYPE) / rank
+    offsets = [slot * rank for slot in range(num_adapters)]
+    ranks = [rank] * num_adapters
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.int32, device="cuda")  # noqa: E731
+    return PackedLora(a, b_t, offsets, ranks, as_tensor(offsets), as_tensor(ranks))
+
+
+def graph_time(function) -> float:
+    """Median milliseconds of a CUDA-graph replay of ``function``."""
+    function()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        function()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        function()
+    return triton.testing.do_bench(graph.replay, rep=100)
+
+
+def run_case(rows: int, tokens_per_row: int, num_adapters: int, rank: int, k: int, n: int, bandwidth: float) -> dict:
+    packed = packed_adapters(num_adapters, rank, k, n)
+    plan = BatchPlan("cuda")
+    plan.fill([row % num_adapters for row in range(rows)])
+    view = plan.view(rows, flattened=False)
+    x = torch.randn(rows, tokens_per_row, k, device="cuda", dtype=DTYPE)
+    y = torch.randn(rows, tokens_per_row, n, device="cuda", dtype=DTYPE)
+    tokens = rows * tokens_per_row
+    distinct = min(num_adapters, rows)
+    floor_bytes = BYTES * (tokens * k + 2 * tokens * n + distinct * rank * (k + n))
+    floor_us = floor_bytes / bandwidth * 1e6
+    result = {
+        "rows": rows, "tokens_per_row": tokens_per_row, "adapters": num_adapters, "rank": rank, "k": k, "n": n,
+        "floor_us": floor_us,
+    }  # fmt: skip
+    for backend in (TorchBackend(), TritonBackend()):
+        call = lambda backend=backend: backend.add_lora(y, x, packed, view)  # noqa: E731
+        result[f"{backend.name}_wall_us"] = triton.testing.do_bench(call, rep=100) * 1e3
+        result[f"{backend.name}_graph_us"] = graph_time(call) * 1e3
+    if tokens_per_row > 1:
+        a, b = packed.a[:rank], packed.b_t[:rank]
+        dense = lambda: y.view(tokens, n).add_((x.view(tokens, k) @ a.t()) @ b)  # noqa: E731
+        result["dense_single_adapter_us"] = triton.testing.do_bench(dense, rep=100) * 1e3
+    return result
+
+
+def cases():
+    for rank in (16, 64):
+        for k, n in ((4096, 4096), (4096, 14336), (14336, 4096)):
+            for tokens in (1, 32, 128, 512):
+                for adapters in (1, 8, 32):
+                    yield tokens, 1, adapters, rank, k, n
+    yield 8, 512, 8, 16, 4096, 4096
+    yield 8, 512, 8, 64, 4096, 4096
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="kernels.json")
+    parser.add_argument("--quick", action="store_true", help="a handful of cases only")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    bandwidth = copy_bandwidth()
+    selected = list(cases())
+    if args.quick:
+        selected = [case for case in selected if case[0] == 32 and case[3] == 16] + selected[-2:]
+    results = []
+    header = (
+        f"{'M':>5} {'S':>4} {'n':>3} {'r':>3} {'K':>6} {'N':>6} | {'floor':>7} | {'torch wall':>10} {'graph':>7} | "
+        f"{'triton wall':>11} {'graph':>7} {'×floor':>7} | {'dense 1-ad':>10}"
+    )
+    print(f"device: {torch.cuda.get_device_name()}, copy bandwidth {bandwidth / 1e12:.2f} TB/s, times in µs")
+    print(header)
+    for case in selected:
+        result = run_case(*case, bandwidth)
+        results.append(result)
+        dense = result.get("dense_single_adapter_us")
+        dense_text = "-" if dense is None else f"{dense:.1f}"
+        print(
+            f"{result['rows']:>5} {result['tokens_per_row']:>4} {result['adapters']:>3} {result['rank']:>3} "
+            f"{result['k']:>6} {result['n']:>6} | {result['floor_us']:>7.1f} | {result['torch_wall_us']:>10.1f} "
+            f"{result['torch_graph_us']:>7.1f} | {result['triton_wall_us']:>11.1f} {result['triton_graph_us']:>7.1f} "
+            f"{result['triton_graph_us'] / result['floor_us']:>7.2f} | {dense_text:>10}"
+        )
+    meta = {
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+        "python": platform.python_version(), "copy_bandwidth_bytes_per_s": bandwidth, "dtype": str(DTYPE),
+    }  # fmt: skip
+    with open(args.out, "w") as handle:
+        json.dump({"meta": meta, "results": results}, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
