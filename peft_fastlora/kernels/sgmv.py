@@ -103,4 +103,7 @@ def expand_kernel(
         y_offsets = tokens[:, None] * stride_y + n[None, :]
         y_mask = token_mask[:, None] & n_mask[None, :]
         y_tile = tl.load(y_ptr + y_offsets, mask=y_mask, other=0.0)
+        # Round the delta to y's dtype before adding, as PEFT's `result += lora_output.to(result.dtype)` does, so
+        # that bf16 results (and greedy tokens) match PEFT's rounding.
+        delta = delta.to(y_tile.dtype).to(tl.float32)
         tl.store(y_ptr + y_offsets, (y_tile.to(tl.float32) + delta).to(y_tile.dtype), mask=y_mask)
