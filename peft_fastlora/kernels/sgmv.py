@@ -21,13 +21,29 @@ import triton.language as tl
 
 
 @triton.jit
-def _segment_tokens(sorted_rows_ptr, seg_starts_ptr, seg_lens_ptr, seg, mblock, tokens_per_row, BLOCK_M: tl.constexpr):
-    """Token indices of tile ``mblock`` of segment ``seg``, and their mask."""
+def _segment_tile(
+    sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, offsets_ptr, ranks_ptr, tokens_per_row,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """The tile this program owns: segment ``program_id(0)``, token block ``program_id(1)``.
+
+    Returns ``(active, tokens, token_mask, first_row, r, r_mask)``: whether the tile holds any token of an
+    adapter this layer has, the tile's token indices and mask, the adapter's first packed row, and the rank
+    lanes with their mask (lanes past the adapter's rank are masked, so no padding is read).
+    """
+    seg = tl.program_id(0)
+    mblock = tl.program_id(1)
+    slot = tl.load(seg_slots_ptr + seg)
+    rank = tl.load(ranks_ptr + slot)
     seg_tokens = tl.load(seg_lens_ptr + seg) * tokens_per_row
     position = mblock * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask = position < seg_tokens
-    row = tl.load(sorted_rows_ptr + tl.load(seg_starts_ptr + seg) + position // tokens_per_row, mask=mask, other=0)
-    return row * tokens_per_row + position % tokens_per_row, mask, seg_tokens
+    token_mask = position < seg_tokens
+    first_position = tl.load(seg_starts_ptr + seg)
+    row = tl.load(sorted_rows_ptr + first_position + position // tokens_per_row, mask=token_mask, other=0)
+    tokens = row * tokens_per_row + position % tokens_per_row
+    active = (mblock * BLOCK_M < seg_tokens) & (rank > 0)
+    r = tl.arange(0, BLOCK_R)
+    return active, tokens, token_mask, tl.load(offsets_ptr + slot), r, r < rank
 
 
 @triton.jit
@@ -39,18 +55,12 @@ def shrink_kernel(
     PRECISION: tl.constexpr,
 ):  # fmt: skip
     """``h[split, t, :rank] = x[t, k-range] @ A_s[:, k-range]ᵀ`` for the tokens of one tile of one segment."""
-    seg = tl.program_id(0)
-    mblock = tl.program_id(1)
     split = tl.program_id(2)
-    slot = tl.load(seg_slots_ptr + seg)
-    rank = tl.load(ranks_ptr + slot)
-    tokens, token_mask, seg_tokens = _segment_tokens(
-        sorted_rows_ptr, seg_starts_ptr, seg_lens_ptr, seg, mblock, tokens_per_row, BLOCK_M
-    )
-    if (mblock * BLOCK_M < seg_tokens) & (rank > 0):
-        first_row = tl.load(offsets_ptr + slot)
-        r = tl.arange(0, BLOCK_R)
-        r_mask = r < rank
+    active, tokens, token_mask, first_row, r, r_mask = _segment_tile(
+        sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, offsets_ptr, ranks_ptr, tokens_per_row,
+        BLOCK_M, BLOCK_R,
+    )  # fmt: skip
+    if active:
         k_start = split * K_STEPS * BLOCK_K
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         # Each split covers K_STEPS blocks of K; the mask handles K's tail. The step count is a compile-time
@@ -78,18 +88,12 @@ def expand_kernel(
     PRECISION: tl.constexpr,
 ):  # fmt: skip
     """``y[t, n-tile] += (Σ_split h[split, t]) @ B_tₛ[:, n-tile]`` for the tokens of one tile of one segment."""
-    seg = tl.program_id(0)
-    mblock = tl.program_id(1)
     nblock = tl.program_id(2)
-    slot = tl.load(seg_slots_ptr + seg)
-    rank = tl.load(ranks_ptr + slot)
-    tokens, token_mask, seg_tokens = _segment_tokens(
-        sorted_rows_ptr, seg_starts_ptr, seg_lens_ptr, seg, mblock, tokens_per_row, BLOCK_M
-    )
-    if (mblock * BLOCK_M < seg_tokens) & (rank > 0):
-        first_row = tl.load(offsets_ptr + slot)
-        r = tl.arange(0, BLOCK_R)
-        r_mask = r < rank
+    active, tokens, token_mask, first_row, r, r_mask = _segment_tile(
+        sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, offsets_ptr, ranks_ptr, tokens_per_row,
+        BLOCK_M, BLOCK_R,
+    )  # fmt: skip
+    if active:
         h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for split in range(SPLITS):
             h_offsets = (split * num_tokens + tokens)[:, None] * BLOCK_R + r[None, :]
