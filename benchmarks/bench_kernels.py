@@ -26,6 +26,7 @@ import triton
 from peft_fastlora.backends.torch_ref import TorchBackend
 from peft_fastlora.backends.triton import TritonBackend
 from peft_fastlora.bank import PackedLora
+from peft_fastlora.kernels import launch
 from peft_fastlora.plan import BatchPlan
 
 DTYPE = torch.bfloat16
@@ -82,6 +83,13 @@ def run_case(rows: int, tokens_per_row: int, num_adapters: int, rank: int, k: in
         call = lambda backend=backend: backend.add_lora(y, x, packed, view)  # noqa: E731
         result[f"{backend.name}_wall_us"] = triton.testing.do_bench(call, rep=100) * 1e3
         result[f"{backend.name}_graph_us"] = graph_time(call) * 1e3
+    # Both Triton variants, whatever the default picks, so the choice between them is a measured one.
+    default = launch.FUSED_MAX_SEGMENT_TOKENS
+    for variant, threshold in (("split", 0), ("fused", 2**30)):
+        launch.FUSED_MAX_SEGMENT_TOKENS = threshold
+        call = lambda: TritonBackend().add_lora(y, x, packed, view)  # noqa: E731
+        result[f"triton_{variant}_graph_us"] = graph_time(call) * 1e3
+    launch.FUSED_MAX_SEGMENT_TOKENS = default
     if tokens_per_row > 1:
         a, b = packed.a[:rank], packed.b_t[:rank]
         dense = lambda: y.view(tokens, n).add_((x.view(tokens, k) @ a.t()) @ b)  # noqa: E731
@@ -112,7 +120,7 @@ def main() -> None:
     results = []
     header = (
         f"{'M':>5} {'S':>4} {'n':>3} {'r':>3} {'K':>6} {'N':>6} | {'floor':>7} | {'torch wall':>10} {'graph':>7} | "
-        f"{'triton wall':>11} {'graph':>7} {'×floor':>7} | {'dense 1-ad':>10}"
+        f"{'triton wall':>11} {'graph':>7} {'×floor':>7} | {'split':>6} {'fused':>6} | {'dense 1-ad':>10}"
     )
     print(f"device: {torch.cuda.get_device_name()}, copy bandwidth {bandwidth / 1e12:.2f} TB/s, times in µs")
     print(header)
@@ -125,7 +133,8 @@ def main() -> None:
             f"{result['rows']:>5} {result['tokens_per_row']:>4} {result['adapters']:>3} {result['rank']:>3} "
             f"{result['k']:>6} {result['n']:>6} | {result['floor_us']:>7.1f} | {result['torch_wall_us']:>10.1f} "
             f"{result['torch_graph_us']:>7.1f} | {result['triton_wall_us']:>11.1f} {result['triton_graph_us']:>7.1f} "
-            f"{result['triton_graph_us'] / result['floor_us']:>7.2f} | {dense_text:>10}"
+            f"{result['triton_graph_us'] / result['floor_us']:>7.2f} | {result['triton_split_graph_us']:>6.1f} "
+            f"{result['triton_fused_graph_us']:>6.1f} | {dense_text:>10}"
         )
     meta = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,

@@ -16,6 +16,13 @@ from peft_fastlora.plan import BatchPlan
 RANKS = [4, 8, 16, 64]
 
 
+@pytest.fixture(autouse=True, params=["split", "fused"])
+def kernel_variant(request, monkeypatch):
+    """Every kernel test runs twice: through shrink + expand, and through the fused single-launch kernel."""
+    monkeypatch.setattr(launch, "FUSED_MAX_SEGMENT_TOKENS", 0 if request.param == "split" else 2**30)
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def _poison_scratch(monkeypatch):
     """Kernel scratch buffers start as NaN, so a read of anything the shrink did not write shows up."""

@@ -7,17 +7,27 @@ segment), so a launch never reads device memory on the host.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import triton
 
-from .sgmv import expand_kernel, shrink_kernel
+from .sgmv import expand_kernel, fused_kernel, shrink_kernel
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
+# Segments of at most this many tokens (decode) take the fused single-launch kernel; longer ones (prefill) take
+# shrink + expand. Chosen from the device measurements in benchmarks/results (the benchmark sets it to compare).
+FUSED_MAX_SEGMENT_TOKENS = 16
+
 # Scratch allocations go through this name so that tests can poison them with NaN (unwritten reads show up).
 scratch_empty = torch.empty
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _config(seg_tokens: int, num_segments: int, k: int, n: int, rank_block: int, device: torch.device) -> dict:
@@ -34,7 +44,7 @@ def _config(seg_tokens: int, num_segments: int, k: int, n: int, rank_block: int,
     block_k = 128 if rank_block <= 32 else 64
     block_n = 128 if rank_block <= 64 else 64
     programs = num_segments * triton.cdiv(seg_tokens, block_m)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _multiprocessors(device)
     # At most 8 splits: every expand program sums all split partials, and beyond 8 that serial sum costs more
     # than the parallel shrink gains (measured: 64 splits at M=1, K=14336 made the pair 3x slower than torch).
     splits = max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(k, block_k), 8))
@@ -87,15 +97,23 @@ def launch_lora_add(
     k_per_split = triton.cdiv(triton.cdiv(k, splits), config["BLOCK_K"]) * config["BLOCK_K"]
     splits = triton.cdiv(k, k_per_split)
     precision = "ieee" if a.dtype == torch.float32 else "tf32"
-    h = scratch_empty(splits, num_tokens, rank_block, dtype=torch.float32, device=x.device)
     mblocks = triton.cdiv(seg_tokens, block_m)
     metadata = (sorted_rows, seg_slots, seg_starts, seg_lens, offsets, ranks)
+    n_tiles = triton.cdiv(n, config["BLOCK_N"])
+    if seg_tokens <= FUSED_MAX_SEGMENT_TOKENS:
+        fused_kernel[(num_segments, mblocks, n_tiles)](
+            x, a, b_t, y, *metadata, k, n, tokens_per_row, x.stride(0), y.stride(0),
+            BLOCK_M=block_m, BLOCK_R=rank_block, BLOCK_K=config["BLOCK_K"], K_STEPS=triton.cdiv(k, config["BLOCK_K"]),
+            BLOCK_N=config["BLOCK_N"], PRECISION=precision,
+        )  # fmt: skip
+        return
+    h = scratch_empty(splits, num_tokens, rank_block, dtype=torch.float32, device=x.device)
     shrink_kernel[(num_segments, mblocks, splits)](
         x, a, h, *metadata, k, num_tokens, tokens_per_row, x.stride(0),
         BLOCK_M=block_m, BLOCK_R=rank_block, BLOCK_K=config["BLOCK_K"], K_STEPS=k_per_split // config["BLOCK_K"],
         PRECISION=precision,
     )  # fmt: skip
-    expand_kernel[(num_segments, mblocks, triton.cdiv(n, config["BLOCK_N"]))](
+    expand_kernel[(num_segments, mblocks, n_tiles)](
         h, b_t, y, *metadata, n, num_tokens, tokens_per_row, y.stride(0),
         BLOCK_M=block_m, BLOCK_R=rank_block, BLOCK_N=config["BLOCK_N"], SPLITS=splits, PRECISION=precision,
     )  # fmt: skip

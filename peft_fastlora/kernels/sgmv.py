@@ -47,6 +47,50 @@ def _segment_tile(
 
 
 @triton.jit
+def _shrink_tile(
+    x_ptr, a_ptr, tokens, token_mask, first_row, r, r_mask, k_start, K, stride_x,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """fp32 ``[BLOCK_M, BLOCK_R]`` = ``x[tokens, k-range] @ A[first_row + r, k-range]ᵀ`` over K_STEPS blocks from
+    ``k_start``. The step count is a compile-time constant: a loop bound read from a kernel argument breaks the
+    interpreter with NumPy >= 2.4. The mask handles K's tail."""
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for step in range(K_STEPS):
+        kk = k_start + step * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_mask = kk < K
+        x_tile = tl.load(
+            x_ptr + tokens[:, None] * stride_x + kk[None, :], mask=token_mask[:, None] & k_mask[None, :], other=0.0
+        )
+        a_tile = tl.load(
+            a_ptr + (first_row + r)[None, :] * K + kk[:, None], mask=r_mask[None, :] & k_mask[:, None], other=0.0
+        )
+        acc += tl.dot(x_tile.to(a_tile.dtype), a_tile, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _expand_tile(
+    h, b_ptr, y_ptr, tokens, token_mask, first_row, r, r_mask, nblock, N, stride_y,
+    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``y[tokens, n-tile] += h @ B_t[first_row + r, n-tile]`` with ``h`` fp32 ``[BLOCK_M, BLOCK_R]``."""
+    n = nblock * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < N
+    b_tile = tl.load(
+        b_ptr + (first_row + r)[:, None] * N + n[None, :], mask=r_mask[:, None] & n_mask[None, :], other=0.0
+    )
+    delta = tl.dot(h.to(b_tile.dtype), b_tile, input_precision=PRECISION)
+    y_offsets = tokens[:, None] * stride_y + n[None, :]
+    y_mask = token_mask[:, None] & n_mask[None, :]
+    y_tile = tl.load(y_ptr + y_offsets, mask=y_mask, other=0.0)
+    # Round the delta to y's dtype before adding, as PEFT's `result += lora_output.to(result.dtype)` does, so that
+    # bf16 results (and greedy tokens) match PEFT's rounding.
+    delta = delta.to(y_tile.dtype).to(tl.float32)
+    tl.store(y_ptr + y_offsets, (y_tile.to(tl.float32) + delta).to(y_tile.dtype), mask=y_mask)
+
+
+@triton.jit
 def shrink_kernel(
     x_ptr, a_ptr, h_ptr,
     sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, offsets_ptr, ranks_ptr,
@@ -61,20 +105,10 @@ def shrink_kernel(
         BLOCK_M, BLOCK_R,
     )  # fmt: skip
     if active:
-        k_start = split * K_STEPS * BLOCK_K
-        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        # Each split covers K_STEPS blocks of K; the mask handles K's tail. The step count is a compile-time
-        # constant: a loop bound read from a kernel argument breaks the interpreter with NumPy >= 2.4.
-        for step in range(K_STEPS):
-            kk = k_start + step * BLOCK_K + tl.arange(0, BLOCK_K)
-            k_mask = kk < K
-            x_tile = tl.load(
-                x_ptr + tokens[:, None] * stride_x + kk[None, :], mask=token_mask[:, None] & k_mask[None, :], other=0.0
-            )
-            a_tile = tl.load(
-                a_ptr + (first_row + r)[None, :] * K + kk[:, None], mask=r_mask[None, :] & k_mask[:, None], other=0.0
-            )
-            acc += tl.dot(x_tile.to(a_tile.dtype), a_tile, input_precision=PRECISION)
+        acc = _shrink_tile(
+            x_ptr, a_ptr, tokens, token_mask, first_row, r, r_mask, split * K_STEPS * BLOCK_K, K, stride_x,
+            BLOCK_M, BLOCK_R, BLOCK_K, K_STEPS, PRECISION,
+        )  # fmt: skip
         h_offsets = (split * num_tokens + tokens)[:, None] * BLOCK_R + r[None, :]
         tl.store(h_ptr + h_offsets, acc, mask=token_mask[:, None])
 
@@ -88,7 +122,6 @@ def expand_kernel(
     PRECISION: tl.constexpr,
 ):  # fmt: skip
     """``y[t, n-tile] += (Σ_split h[split, t]) @ B_tₛ[:, n-tile]`` for the tokens of one tile of one segment."""
-    nblock = tl.program_id(2)
     active, tokens, token_mask, first_row, r, r_mask = _segment_tile(
         sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, offsets_ptr, ranks_ptr, tokens_per_row,
         BLOCK_M, BLOCK_R,
@@ -98,16 +131,33 @@ def expand_kernel(
         for split in range(SPLITS):
             h_offsets = (split * num_tokens + tokens)[:, None] * BLOCK_R + r[None, :]
             h += tl.load(h_ptr + h_offsets, mask=token_mask[:, None] & r_mask[None, :], other=0.0)
-        n = nblock * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = n < N
-        b_tile = tl.load(
-            b_ptr + (first_row + r)[:, None] * N + n[None, :], mask=r_mask[:, None] & n_mask[None, :], other=0.0
-        )
-        delta = tl.dot(h.to(b_tile.dtype), b_tile, input_precision=PRECISION)
-        y_offsets = tokens[:, None] * stride_y + n[None, :]
-        y_mask = token_mask[:, None] & n_mask[None, :]
-        y_tile = tl.load(y_ptr + y_offsets, mask=y_mask, other=0.0)
-        # Round the delta to y's dtype before adding, as PEFT's `result += lora_output.to(result.dtype)` does, so
-        # that bf16 results (and greedy tokens) match PEFT's rounding.
-        delta = delta.to(y_tile.dtype).to(tl.float32)
-        tl.store(y_ptr + y_offsets, (y_tile.to(tl.float32) + delta).to(y_tile.dtype), mask=y_mask)
+        _expand_tile(
+            h, b_ptr, y_ptr, tokens, token_mask, first_row, r, r_mask, tl.program_id(2), N, stride_y,
+            BLOCK_N, PRECISION,
+        )  # fmt: skip
+
+
+@triton.jit
+def fused_kernel(
+    x_ptr, a_ptr, b_ptr, y_ptr,
+    sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, offsets_ptr, ranks_ptr,
+    K, N, tokens_per_row, stride_x, stride_y,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr,
+    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Shrink and expand in one launch, for decode: each program recomputes its tile's ``h`` over all of K (the
+    adapter's A comes from L2 after the first program) and expands it into its own N-tile, so there is no second
+    launch and no ``h`` round trip through memory."""
+    active, tokens, token_mask, first_row, r, r_mask = _segment_tile(
+        sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, offsets_ptr, ranks_ptr, tokens_per_row,
+        BLOCK_M, BLOCK_R,
+    )  # fmt: skip
+    if active:
+        h = _shrink_tile(
+            x_ptr, a_ptr, tokens, token_mask, first_row, r, r_mask, 0, K, stride_x,
+            BLOCK_M, BLOCK_R, BLOCK_K, K_STEPS, PRECISION,
+        )  # fmt: skip
+        _expand_tile(
+            h, b_ptr, y_ptr, tokens, token_mask, first_row, r, r_mask, tl.program_id(2), N, stride_y,
+            BLOCK_N, PRECISION,
+        )  # fmt: skip
