@@ -19,14 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+from types import SimpleNamespace
 
 import torch
 import triton
 
 from peft_fastlora.backends.torch_ref import TorchBackend
 from peft_fastlora.backends.triton import TritonBackend
-from peft_fastlora.bank import PackedLora
-from peft_fastlora.kernels import launch
+from peft_fastlora.bank import PackedLora, SiblingGroup
 from peft_fastlora.plan import BatchPlan
 
 DTYPE = torch.bfloat16
@@ -83,17 +83,34 @@ def run_case(rows: int, tokens_per_row: int, num_adapters: int, rank: int, k: in
         call = lambda backend=backend: backend.add_lora(y, x, packed, view)  # noqa: E731
         result[f"{backend.name}_wall_us"] = triton.testing.do_bench(call, rep=100) * 1e3
         result[f"{backend.name}_graph_us"] = graph_time(call) * 1e3
-    # Both Triton variants, whatever the default picks, so the choice between them is a measured one.
-    default = launch.FUSED_MAX_SEGMENT_TOKENS
-    for variant, threshold in (("split", 0), ("fused", 2**30)):
-        launch.FUSED_MAX_SEGMENT_TOKENS = threshold
-        call = lambda: TritonBackend().add_lora(y, x, packed, view)  # noqa: E731
-        result[f"triton_{variant}_graph_us"] = graph_time(call) * 1e3
-    launch.FUSED_MAX_SEGMENT_TOKENS = default
     if tokens_per_row > 1:
         a, b = packed.a[:rank], packed.b_t[:rank]
         dense = lambda: y.view(tokens, n).add_((x.view(tokens, k) @ a.t()) @ b)  # noqa: E731
         result["dense_single_adapter_us"] = triton.testing.do_bench(dense, rep=100) * 1e3
+    return result
+
+
+def run_siblings(rows: int, tokens_per_row: int, num_adapters: int, rank: int, k: int, outs: tuple[int, ...]) -> dict:
+    """Sibling layers reading one input (q/k/v: 4096 → 4096, 1024, 1024): a shared shrink against one per layer."""
+    plan = BatchPlan("cuda")
+    plan.fill([row % num_adapters for row in range(rows)])
+    view = plan.view(rows, flattened=False)
+    x = torch.randn(rows, tokens_per_row, k, device="cuda", dtype=DTYPE)
+    ys = [torch.randn(rows, tokens_per_row, n, device="cuda", dtype=DTYPE) for n in outs]
+    members = [SimpleNamespace(_fastlora_packed=packed_adapters(num_adapters, rank, k, n)) for n in outs]
+    backend = TritonBackend()
+
+    def run_all():
+        for member, y in zip(members, ys, strict=True):
+            backend.add_lora(y, x, member._fastlora_packed, view)
+
+    result = {"rows": rows, "tokens_per_row": tokens_per_row, "adapters": num_adapters, "rank": rank, "k": k,
+              "outs": list(outs)}  # fmt: skip
+    result["separate_wall_us"] = triton.testing.do_bench(run_all, rep=100) * 1e3
+    result["separate_graph_us"] = graph_time(run_all) * 1e3
+    SiblingGroup(members)
+    result["shared_wall_us"] = triton.testing.do_bench(run_all, rep=100) * 1e3
+    result["shared_graph_us"] = graph_time(run_all) * 1e3
     return result
 
 
@@ -120,7 +137,7 @@ def main() -> None:
     results = []
     header = (
         f"{'M':>5} {'S':>4} {'n':>3} {'r':>3} {'K':>6} {'N':>6} | {'floor':>7} | {'torch wall':>10} {'graph':>7} | "
-        f"{'triton wall':>11} {'graph':>7} {'×floor':>7} | {'split':>6} {'fused':>6} | {'dense 1-ad':>10}"
+        f"{'triton wall':>11} {'graph':>7} {'×floor':>7} | {'dense 1-ad':>10}"
     )
     print(f"device: {torch.cuda.get_device_name()}, copy bandwidth {bandwidth / 1e12:.2f} TB/s, times in µs")
     print(header)
@@ -133,15 +150,27 @@ def main() -> None:
             f"{result['rows']:>5} {result['tokens_per_row']:>4} {result['adapters']:>3} {result['rank']:>3} "
             f"{result['k']:>6} {result['n']:>6} | {result['floor_us']:>7.1f} | {result['torch_wall_us']:>10.1f} "
             f"{result['torch_graph_us']:>7.1f} | {result['triton_wall_us']:>11.1f} {result['triton_graph_us']:>7.1f} "
-            f"{result['triton_graph_us'] / result['floor_us']:>7.2f} | {result['triton_split_graph_us']:>6.1f} "
-            f"{result['triton_fused_graph_us']:>6.1f} | {dense_text:>10}"
+            f"{result['triton_graph_us'] / result['floor_us']:>7.2f} | {dense_text:>10}"
+        )
+    print("siblings (q/k/v 4096 → 4096, 1024, 1024; gate/up 4096 → 14336 ×2): shared shrink vs one per layer, µs")
+    print(f"{'M':>5} {'S':>4} {'n':>3} {'r':>3} {'outs':>14} | {'separate wall':>13} {'graph':>7} | "
+          f"{'shared wall':>11} {'graph':>7}")  # fmt: skip
+    siblings = []
+    for rows, tokens_per_row, outs in ((1, 1, (4096, 1024, 1024)), (32, 1, (4096, 1024, 1024)),
+                                       (32, 1, (14336, 14336)), (8, 512, (4096, 1024, 1024))):  # fmt: skip
+        result = run_siblings(rows, tokens_per_row, 8, 16, 4096, outs)
+        siblings.append(result)
+        print(
+            f"{rows:>5} {tokens_per_row:>4} {8:>3} {16:>3} {'/'.join(map(str, outs)):>14} | "
+            f"{result['separate_wall_us']:>13.1f} {result['separate_graph_us']:>7.1f} | "
+            f"{result['shared_wall_us']:>11.1f} {result['shared_graph_us']:>7.1f}"
         )
     meta = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
         "python": platform.python_version(), "copy_bandwidth_bytes_per_s": bandwidth, "dtype": str(DTYPE),
     }  # fmt: skip
     with open(args.out, "w") as handle:
-        json.dump({"meta": meta, "results": results}, handle, indent=1)
+        json.dump({"meta": meta, "results": results, "siblings": siblings}, handle, indent=1)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,11 @@ class PackedLora:
     ranks: list[int]
     offsets_dev: torch.Tensor
     ranks_dev: torch.Tensor
+    # Set when the layer belongs to a sibling group (see SiblingGroup): the group, whether this layer leads it,
+    # and int32 [num_slots] columns where this layer's part of each slot starts in the group's shrink output.
+    group: SiblingGroup | None = None
+    leader: bool = False
+    h_cols: torch.Tensor | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -68,6 +73,79 @@ class PackedLora:
             return None
         start = self.offsets[slot]
         return self.a[start : start + rank], self.b_t[start : start + rank]
+
+
+SIBLING_NAMES = (
+    frozenset({"q_proj", "k_proj", "v_proj"}),
+    frozenset({"gate_proj", "up_proj"}),
+    frozenset({"query", "key", "value"}),
+    frozenset({"w1", "w3"}),
+)
+"""Module names that, under one parent, read the same input in the architectures transformers ships. A grouping
+is only a hint: a member whose input is not the leader's computes its own shrink (see SiblingGroup.recall)."""
+
+
+class SiblingGroup:
+    """Layers that read one input (q/k/v, gate/up) and so can share one shrink launch.
+
+    The group packs, per slot, the lora_A rows of all members back to back (``a``, ``offsets_dev``,
+    ``ranks_dev``), so one shrink over it yields every member's ``h`` side by side. The leader (the first member
+    called in a forward) runs that shrink and remembers its input; a member called with the same input object
+    reuses the result and only runs its expand.
+    """
+
+    def __init__(self, members: list[LoraLayer]):
+        self.members = members
+        packs = [member._fastlora_packed for member in members]
+        num_slots = len(packs[0].ranks)
+        device, dtype = packs[0].a.device, packs[0].a.dtype
+        offsets, ranks, parts = [0] * num_slots, [0] * num_slots, []
+        columns = [[0] * num_slots for _ in packs]
+        total = 0
+        for slot in range(num_slots):
+            offsets[slot] = total
+            for index, pack in enumerate(packs):
+                columns[index][slot] = ranks[slot]
+                if pack.ranks[slot]:
+                    parts.append(pack.a[pack.offsets[slot] : pack.offsets[slot] + pack.ranks[slot]])
+                    ranks[slot] += pack.ranks[slot]
+            total += ranks[slot]
+        in_features = packs[0].a.shape[1]
+        self.a = torch.cat(parts) if parts else torch.zeros(0, in_features, dtype=dtype, device=device)
+        self.offsets_dev = torch.tensor(offsets, dtype=torch.int32, device=device)
+        self.ranks_dev = torch.tensor(ranks, dtype=torch.int32, device=device)
+        self.max_rank = max(ranks, default=0)
+        for index, pack in enumerate(packs):
+            pack.group, pack.leader = self, index == 0
+            pack.h_cols = torch.tensor(columns[index], dtype=torch.int32, device=device)
+        self._input: torch.Tensor | None = None
+        self._h: torch.Tensor | None = None
+
+    def remember(self, x: torch.Tensor, h: torch.Tensor) -> None:
+        """Keep the shrink output ``h`` of input ``x`` (holding ``x`` keeps its identity unambiguous)."""
+        self._input, self._h = x, h
+
+    def recall(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The group's shrink output if it was computed from this very tensor, else None."""
+        return self._h if self._input is x else None
+
+    def forget(self) -> None:
+        self._input = self._h = None
+
+
+def sibling_groups(named_layers: list[tuple[str, LoraLayer]]) -> list[list[LoraLayer]]:
+    """Group fast Linear layers by parent and sibling name set; keep groups of 2+ with one in_features."""
+    groups: dict[tuple[str, frozenset], list[LoraLayer]] = {}
+    for name, layer in named_layers:
+        parent, _, leaf = name.rpartition(".")
+        for names in SIBLING_NAMES:
+            if leaf in names and isinstance(layer.get_base_layer(), torch.nn.Linear):
+                groups.setdefault((parent, names), []).append(layer)
+    return [
+        members
+        for members in groups.values()
+        if len(members) > 1 and len({member.get_base_layer().in_features for member in members}) == 1
+    ]
 
 
 def adapter_weights(layer: LoraLayer) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -157,6 +235,8 @@ class AdapterBank:
     def __init__(self, lora_layers: list[LoraLayer], fast_layers: list[LoraLayer]):
         self.lora_layers = lora_layers
         self.fast_layers = fast_layers
+        self.sibling_candidates: list[list[LoraLayer]] = []
+        self.groups: list[SiblingGroup] = []
         self.slots: dict[str, int] = {}
         self._fingerprints: dict[int, tuple] = {}
         self.refresh()
@@ -175,12 +255,32 @@ class AdapterBank:
         slots_changed = names != list(self.slots)
         if slots_changed:
             self.slots = {name: slot for slot, name in enumerate(names)}
+        repacked = False
         for layer in self.fast_layers:
             fingerprint = layer_fingerprint(layer)
             if slots_changed or self._fingerprints.get(id(layer)) != fingerprint:
                 layer._fastlora_packed = pack_layer(layer, self.slots)
                 layer._fastlora_unsupported = unsupported_adapters(layer)
                 self._fingerprints[id(layer)] = fingerprint
+                repacked = True
+        if repacked or [group.members for group in self.groups] != self.sibling_candidates:
+            self._build_groups()
+
+    def _build_groups(self) -> None:
+        """(Re)build the shared-shrink packing of every sibling group whose members pack alike."""
+        for layer in self.fast_layers:
+            packed = layer._fastlora_packed
+            packed.group, packed.leader, packed.h_cols = None, False, None
+        self.groups = []
+        for members in self.sibling_candidates:
+            packs = [member._fastlora_packed for member in members]
+            if len({(pack.a.dtype, pack.a.device) for pack in packs}) == 1:
+                self.groups.append(SiblingGroup(members))
+
+    def forget_inputs(self) -> None:
+        """Drop every group's remembered input and shrink output (at the end of a call, to free them)."""
+        for group in self.groups:
+            group.forget()
 
     def slot_ids(self, adapter_names: list[str]) -> list[int]:
         """Map names to slot ids, ``"__base__"`` to ``BASE_SLOT``. Names must be known (checked by the caller)."""

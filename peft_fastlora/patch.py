@@ -29,7 +29,7 @@ from peft.utils import AuxiliaryTrainingWrapper
 
 from . import peft_messages
 from .backends import get_backend
-from .bank import AdapterBank
+from .bank import AdapterBank, sibling_groups
 from .layers import FAST_MIXINS, is_fast_layer, patch_layer, unpatch_layer
 from .plan import BatchPlan
 
@@ -82,7 +82,8 @@ def _sync_layers(
 
     With ``warn``, name the LoRA layer types left on PEFT's path in one warning. Returns
     ``(all_lora_layers, fast_layers)``."""
-    lora_layers = [module for module in lora_model.modules() if isinstance(module, LoraLayer)]
+    named = [(name, module) for name, module in lora_model.named_modules() if isinstance(module, LoraLayer)]
+    lora_layers = [module for _, module in named]
     fast, others = [], set()
     for layer in lora_layers:
         if is_fast_layer(layer):
@@ -99,6 +100,9 @@ def _sync_layers(
             + ", ".join(sorted(others)),
             stacklevel=3,
         )
+    if state is not None:
+        fast_ids = {id(layer) for layer in fast}
+        state.bank.sibling_candidates = sibling_groups([(n, m) for n, m in named if id(m) in fast_ids])
     return lora_layers, fast
 
 
@@ -146,7 +150,7 @@ def patch_model(model: PeftModel, backend: str = "auto") -> PeftModel:
     state = PatchState(backend, backend_object, AdapterBank(lora_layers, []), BatchPlan(device))
     for layer in fast:
         patch_layer(layer, state)
-    state.bank.fast_layers = fast
+    _, state.bank.fast_layers = _sync_layers(lora_model, state)  # again, now that the state exists: sibling groups
     state.bank.refresh()
     lora_model._fastlora_state = state
     # An instance attribute shadows LoraModel's method for this model only; PeftModel calls it by name.
@@ -248,6 +252,7 @@ def _mixed_batch_context(lora_model: LoraModel, *args, **kwargs):
             yield
         finally:
             state.plan = None
+            bank.forget_inputs()
             for handle in handles:
                 handle.remove()
 

@@ -16,13 +16,6 @@ from peft_fastlora.plan import BatchPlan
 RANKS = [4, 8, 16, 64]
 
 
-@pytest.fixture(autouse=True, params=["split", "fused"])
-def kernel_variant(request, monkeypatch):
-    """Every kernel test runs twice: through shrink + expand, and through the fused single-launch kernel."""
-    monkeypatch.setattr(launch, "FUSED_MAX_SEGMENT_TOKENS", 0 if request.param == "split" else 2**30)
-    return request.param
-
-
 @pytest.fixture(autouse=True)
 def _poison_scratch(monkeypatch):
     """Kernel scratch buffers start as NaN, so a read of anything the shrink did not write shows up."""
@@ -121,15 +114,17 @@ def test_single_adapter_and_absent_adapter_interpreted():
     check(6, 1, "distinct", torch.float32, "cpu", ranks=[16, 8, 4], absent=(1,))
 
 
-def test_fake_op_traces_without_running():
-    """The custom op has a fake implementation: torch.compile-style tracing with FakeTensors runs no kernel."""
+def test_fake_ops_trace_without_running():
+    """The custom ops have fake implementations: tracing with FakeTensors runs no kernel and gets h's shape."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
         y, x = torch.empty(6, 8), torch.empty(6, 4)
         a, b = torch.empty(3, 4), torch.empty(3, 8)
-        meta = [torch.empty(2, dtype=torch.int32) for _ in range(6)]
-        torch.ops.peft_fastlora.lora_add_(y, x, a, b, *meta, 1, 3, 3)
+        offsets, ranks, rows, slots, starts, lens = [torch.empty(2, dtype=torch.int32) for _ in range(6)]
+        h = torch.ops.peft_fastlora.lora_shrink(x, a, offsets, ranks, rows, slots, starts, lens, 1, 3, 3)
+        assert h.shape[1:] == (6, 16) and h.dtype == torch.float32
+        torch.ops.peft_fastlora.lora_expand_(y, h, None, b, offsets, ranks, rows, slots, starts, lens, 1, 3, 3)
 
 
 @pytest.mark.gpu

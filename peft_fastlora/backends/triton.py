@@ -1,11 +1,15 @@
-"""The Triton backend: one shrink and one expand launch per LoRA layer, whatever the number of adapters."""
+"""The Triton backend: a segmented shrink and a segmented expand per LoRA layer, whatever the mix of adapters.
+
+Siblings that read the same input (q/k/v, gate/up) share the shrink: the group's leader shrinks against all
+members' stacked lora_A rows at once, and each member then only expands its own columns of the result.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from ..bank import PackedLora
-from ..kernels.launch import lora_add_
+from ..kernels.launch import lora_expand_, lora_shrink
 from ..plan import PlanView
 from .torch_ref import TorchBackend
 
@@ -23,8 +27,16 @@ class TritonBackend(TorchBackend):
         if x_tokens.stride(-1) != 1:
             x_tokens = x_tokens.contiguous()
         y_tokens = result.view(-1, result.shape[-1])  # base outputs are fresh contiguous tensors
-        lora_add_(
-            y_tokens, x_tokens, packed.a, packed.b_t, packed.offsets_dev, packed.ranks_dev,
-            view.sorted_rows, view.seg_slots, view.seg_starts, view.seg_lens,
-            x_tokens.shape[0] // view.num_rows, view.max_seg_len, packed.max_rank,
-        )  # fmt: skip
+        tokens_per_row = x_tokens.shape[0] // view.num_rows
+        plan = (view.sorted_rows, view.seg_slots, view.seg_starts, view.seg_lens, tokens_per_row, view.max_seg_len)
+        group, h, h_cols = packed.group, None, None
+        if group is not None:
+            if packed.leader:
+                group.remember(
+                    x, lora_shrink(x_tokens, group.a, group.offsets_dev, group.ranks_dev, *plan, group.max_rank)
+                )
+            h = group.recall(x)
+            h_cols = packed.h_cols if h is not None else None
+        if h is None:
+            h = lora_shrink(x_tokens, packed.a, packed.offsets_dev, packed.ranks_dev, *plan, packed.max_rank)
+        lora_expand_(y_tokens, h, h_cols, packed.b_t, packed.offsets_dev, packed.ranks_dev, *plan, packed.max_rank)

@@ -98,7 +98,9 @@ def shrink_kernel(
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """``h[split, t, :rank] = x[t, k-range] @ A_s[:, k-range]ᵀ`` for the tokens of one tile of one segment."""
+    """``h[split, t, :rank] = x[t, k-range] @ A_s[:, k-range]ᵀ`` for the tokens of one tile of one segment.
+
+    ``h`` is fp32 ``[splits, num_tokens, BLOCK_R]``; only the tokens of segments are written."""
     split = tl.program_id(2)
     active, tokens, token_mask, first_row, r, r_mask = _segment_tile(
         sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, offsets_ptr, ranks_ptr, tokens_per_row,
@@ -115,48 +117,28 @@ def shrink_kernel(
 
 @triton.jit
 def expand_kernel(
-    h_ptr, b_ptr, y_ptr,
+    h_ptr, h_cols_ptr, b_ptr, y_ptr,
     sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, offsets_ptr, ranks_ptr,
     N, num_tokens, tokens_per_row, stride_y,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, H_STRIDE: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLITS: tl.constexpr, SHARED_H: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """``y[t, n-tile] += (Σ_split h[split, t]) @ B_tₛ[:, n-tile]`` for the tokens of one tile of one segment."""
+    """``y[t, n-tile] += (Σ_split h[split, t]) @ B_tₛ[:, n-tile]`` for the tokens of one tile of one segment.
+
+    ``h`` rows are ``H_STRIDE`` wide. With ``SHARED_H`` it is a sibling group's shrink output (q/k/v stacked), and
+    this layer's part of slot s starts at column ``h_cols[s]``; otherwise at column 0."""
     active, tokens, token_mask, first_row, r, r_mask = _segment_tile(
         sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, offsets_ptr, ranks_ptr, tokens_per_row,
         BLOCK_M, BLOCK_R,
     )  # fmt: skip
     if active:
+        column = r
+        if SHARED_H:
+            column += tl.load(h_cols_ptr + tl.load(seg_slots_ptr + tl.program_id(0)))
         h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for split in range(SPLITS):
-            h_offsets = (split * num_tokens + tokens)[:, None] * BLOCK_R + r[None, :]
+            h_offsets = (split * num_tokens + tokens)[:, None] * H_STRIDE + column[None, :]
             h += tl.load(h_ptr + h_offsets, mask=token_mask[:, None] & r_mask[None, :], other=0.0)
-        _expand_tile(
-            h, b_ptr, y_ptr, tokens, token_mask, first_row, r, r_mask, tl.program_id(2), N, stride_y,
-            BLOCK_N, PRECISION,
-        )  # fmt: skip
-
-
-@triton.jit
-def fused_kernel(
-    x_ptr, a_ptr, b_ptr, y_ptr,
-    sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, offsets_ptr, ranks_ptr,
-    K, N, tokens_per_row, stride_x, stride_y,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr,
-    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
-    """Shrink and expand in one launch, for decode: each program recomputes its tile's ``h`` over all of K (the
-    adapter's A comes from L2 after the first program) and expands it into its own N-tile, so there is no second
-    launch and no ``h`` round trip through memory."""
-    active, tokens, token_mask, first_row, r, r_mask = _segment_tile(
-        sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, offsets_ptr, ranks_ptr, tokens_per_row,
-        BLOCK_M, BLOCK_R,
-    )  # fmt: skip
-    if active:
-        h = _shrink_tile(
-            x_ptr, a_ptr, tokens, token_mask, first_row, r, r_mask, 0, K, stride_x,
-            BLOCK_M, BLOCK_R, BLOCK_K, K_STEPS, PRECISION,
-        )  # fmt: skip
         _expand_tile(
             h, b_ptr, y_ptr, tokens, token_mask, first_row, r, r_mask, tl.program_id(2), N, stride_y,
             BLOCK_N, PRECISION,
