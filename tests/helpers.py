@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 
 from peft_fastlora import tiny
+
+interpreted = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU tensors runs only through the interpreter"
+)
+"""For tests that run the Triton backend on CPU tensors: conftest sets the interpreter on machines without a GPU."""
 
 
 def load(architecture: str, adapter_dirs, names=("a", "b", "c"), dtype=torch.float32):

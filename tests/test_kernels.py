@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import interpreted
 
 from peft_fastlora.backends.torch_ref import TorchBackend
 from peft_fastlora.backends.triton import TritonBackend
@@ -87,6 +88,7 @@ def check(rows, tokens_per_row, popularity, dtype, device, k=72, n=136, ranks=RA
 POPULARITIES = ["identical", "distinct", "uniform", "zipf", "skewed", "all_base"]
 
 
+@interpreted
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("popularity", POPULARITIES)
 @pytest.mark.parametrize("rows", [1, 3, 32])
@@ -94,21 +96,25 @@ def test_decode_interpreted(rows, popularity, dtype):
     check(rows, 1, popularity, dtype, "cpu")
 
 
+@interpreted
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("popularity", ["uniform", "zipf"])
 def test_many_tokens_interpreted(popularity, dtype):
     check(257, 1, popularity, dtype, "cpu", k=40, n=24, ranks=[4, 16])
 
 
+@interpreted
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_prefill_interpreted(dtype):
     check(3, 19, "distinct", dtype, "cpu", ranks=[8, 64, 4])
 
 
+@interpreted
 def test_flattened_tokens_interpreted():
     check(4, 5, "uniform", torch.float32, "cpu", flatten=True)
 
 
+@interpreted
 def test_single_adapter_and_absent_adapter_interpreted():
     check(5, 2, "identical", torch.float32, "cpu", ranks=[16, 8])
     check(6, 1, "distinct", torch.float32, "cpu", ranks=[16, 8, 4], absent=(1,))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close_relative, load
+from helpers import assert_close_relative, interpreted, load
 
 from peft_fastlora import patch_model, tiny, unpatch_model
 
@@ -30,7 +30,8 @@ def per_adapter_logits(model, batch, names):
 # Interpreted Triton costs seconds per generate step on a CPU, so its end-to-end runs cover two architectures
 # (Llama, and GPT-2 for Conv1D) with short generations; the torch backend covers all of them.
 BACKEND_CASES = [
-    ("llama", "torch"), ("gpt2", "torch"), ("phi3", "torch"), ("llama", "triton"), ("gpt2", "triton"),
+    ("llama", "torch"), ("gpt2", "torch"), ("phi3", "torch"),
+    pytest.param("llama", "triton", marks=interpreted), pytest.param("gpt2", "triton", marks=interpreted),
 ]  # fmt: skip
 
 
@@ -74,7 +75,7 @@ def test_greedy_generate_matches_peft(architecture, backend, adapter_dirs):
     assert torch.equal(actual, expected)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=interpreted)])
 @torch.no_grad()
 def test_greedy_generate_opt_matches_per_adapter(backend, adapter_dirs):
     """OPT flattens [B, S, H] to [B*S, H] before fc1/fc2, where PEFT's mixed batch raises; the plan serves it per

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from helpers import assert_close_relative, load
+from helpers import assert_close_relative, interpreted, load
 from peft import LoraConfig, get_peft_model
 
 from peft_fastlora import patch_model, tiny
@@ -22,6 +22,7 @@ def count_shrinks(monkeypatch):
     return calls
 
 
+@interpreted
 @torch.no_grad()
 def test_llama_shares_shrinks_and_matches_peft(adapter_dirs, monkeypatch):
     model = load("llama", adapter_dirs)
@@ -50,6 +51,7 @@ class SameNamesOtherInputs(torch.nn.Module):
         return torch.cat([self.q_proj(x), self.k_proj(x * 2.0)], dim=-1)
 
 
+@interpreted
 @torch.no_grad()
 def test_sibling_with_another_input_computes_its_own_shrink(monkeypatch):
     torch.manual_seed(0)
