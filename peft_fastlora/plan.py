@@ -12,6 +12,11 @@ re-capture. Layout of the buffer, each section ``capacity`` long::
     seg_slots    per segment (one per distinct slot): its slot
     seg_starts   per segment: its first position in sorted_rows
     seg_lens     per segment: its number of rows
+    (one int)    the number of segments
+
+Kernels get the full-capacity sections and read the segment count on the device, so their grids depend only on
+the batch size and the number of adapters, never on which row uses which adapter: a CUDA graph captured for one
+assignment replays correctly for any other of the same batch size.
 """
 
 from __future__ import annotations
@@ -41,7 +46,10 @@ class PlanView:
     groups : list[tuple[int, int, int]]
         Host copy of the segments: ``(slot, start, length)``, for backends that loop in Python.
     max_seg_len : int
-        The longest segment, for kernels that size a grid by it.
+        The longest segment.
+    segments : tuple[torch.Tensor, ...]
+        For kernels: ``(sorted_rows, seg_slots, seg_starts, seg_lens)`` over the plan's full capacity (entries past
+        the live ones are stale) and a one-element int32 tensor holding the number of segments.
     """
 
     row_slots: torch.Tensor
@@ -51,6 +59,7 @@ class PlanView:
     seg_lens: torch.Tensor
     groups: list[tuple[int, int, int]]
     max_seg_len: int
+    segments: tuple[torch.Tensor, ...]
     _row_index: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -100,9 +109,9 @@ class BatchPlan:
             return
         # Grow geometrically so that a run of growing batches reallocates (and re-captures graphs) rarely.
         self.capacity = max(rows, 2 * self.capacity, 8)
-        self._buffer = torch.empty(_SECTIONS * self.capacity, dtype=torch.int32, device=self.device)
-        pin = self.device.type == "cuda"
-        self._staging = torch.empty(_SECTIONS * self.capacity, dtype=torch.int32, pin_memory=pin)
+        size = _SECTIONS * self.capacity + 1  # + the segment count
+        self._buffer = torch.empty(size, dtype=torch.int32, device=self.device)
+        self._staging = torch.empty(size, dtype=torch.int32, pin_memory=self.device.type == "cuda")
 
     def _section(self, index: int, length: int) -> torch.Tensor:
         start = index * self.capacity
@@ -131,6 +140,7 @@ class BatchPlan:
         for column, values in enumerate(zip(*groups, strict=True) if groups else ((), (), ())):
             start = (2 + column) * cap
             host[start : start + len(groups)] = torch.tensor(values, dtype=torch.int32)
+        host[_SECTIONS * cap] = len(groups)
         # A blocking copy, once per call: the staging buffer is reused by the next call, so the copy must be done.
         self._buffer.copy_(host)
         num_segments = len(groups)
@@ -143,6 +153,10 @@ class BatchPlan:
                 seg_lens=self._section(4, num_segments),
                 groups=groups,
                 max_seg_len=max((length for _, _, length in groups), default=0),
+                segments=(
+                    *(self._section(index, cap) for index in range(1, _SECTIONS)),
+                    self._buffer[_SECTIONS * cap :],
+                ),
             )
         }
         self._input_plan = None
@@ -185,6 +199,14 @@ class BatchPlan:
         offsets = torch.arange(tokens_per_row, dtype=torch.int32, device=self.device)
         sorted_tokens = (row_view.sorted_rows[:, None] * tokens_per_row + offsets).reshape(-1)
         groups = [(slot, start * tokens_per_row, length * tokens_per_row) for slot, start, length in row_view.groups]
+        rows, seg_slots, seg_starts, seg_lens, count = row_view.segments
+        segments = (
+            (rows[:, None] * tokens_per_row + offsets).reshape(-1),
+            seg_slots,
+            seg_starts * tokens_per_row,
+            seg_lens * tokens_per_row,
+            count,
+        )
         return PlanView(
             row_slots=row_view.row_slots.repeat_interleave(tokens_per_row),
             sorted_rows=sorted_tokens,
@@ -193,4 +215,5 @@ class BatchPlan:
             seg_lens=row_view.seg_lens * tokens_per_row,
             groups=groups,
             max_seg_len=row_view.max_seg_len * tokens_per_row,
+            segments=segments,
         )

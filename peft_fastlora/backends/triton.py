@@ -21,14 +21,16 @@ class TritonBackend(TorchBackend):
 
     def add_lora(self, result: torch.Tensor, x: torch.Tensor, packed: PackedLora, view: PlanView) -> None:
         """Add each row's LoRA delta to ``result`` in place (see ``TorchBackend.add_lora``)."""
-        if not view.groups or packed.max_rank == 0:
+        # No test on the assignment (e.g. an all-__base__ batch) here: the launch must not depend on it, so that a
+        # CUDA graph captured for one assignment replays for any other; the kernels read the segment count.
+        if packed.max_rank == 0:
             return
         x_tokens = x.reshape(-1, x.shape[-1])
         if x_tokens.stride(-1) != 1:
             x_tokens = x_tokens.contiguous()
         y_tokens = result.view(-1, result.shape[-1])  # base outputs are fresh contiguous tensors
         tokens_per_row = x_tokens.shape[0] // view.num_rows
-        plan = (view.sorted_rows, view.seg_slots, view.seg_starts, view.seg_lens, tokens_per_row, view.max_seg_len)
+        plan = (*view.segments, tokens_per_row)
         group, h, h_cols = packed.group, None, None
         if group is not None:
             if packed.leader:

@@ -1,8 +1,9 @@
 """Launchers for the segmented LoRA kernels, registered as torch custom ops so torch.compile traces them.
 
 ``lora_shrink`` returns the fp32 partial products ``h``; ``lora_expand_`` adds ``h @ B`` into ``y`` in place. Their
-fake implementations only describe shapes. Grids are sized from host integers the plan already holds (segment
-count, longest segment), so a launch never reads device memory on the host.
+fake implementations only describe shapes. Grids are sized from the number of tokens and of adapter slots only,
+never from the assignment of rows to adapters (the kernels read the live segment count on the device): a launch
+never syncs with the device, and a captured CUDA graph stays valid for any assignment of the same batch size.
 
 A single fused shrink+expand launch for decode was measured on the H100 and lost in every case (e.g. 20.0 µs
 against 11.8 µs at M=32, 8 adapters, rank 16, 4096×4096: each program re-reads all of K serially);
@@ -36,26 +37,29 @@ def rank_block(max_rank: int) -> int:
     return max(16, triton.next_power_of_2(max_rank))
 
 
-def _tiles(seg_tokens: int, num_segments: int, k: int, max_rank: int, device: torch.device) -> tuple[int, ...]:
-    """``(BLOCK_M, BLOCK_K, BLOCK_N, splits, k_steps)`` for one call.
+def _tiles(num_tokens: int, num_slots: int, rows: int, k: int, max_rank: int, device: torch.device) -> tuple:
+    """``(segments, BLOCK_M, BLOCK_K, BLOCK_N, splits, k_steps)`` for one call, from assignment-free sizes.
 
-    Under the interpreter a fixed small config keeps CPU tests fast (and still splits K, to cover that path).
-    On a GPU the tile over tokens follows the longest segment (decode: 16, prefill: 64), and K is split until
-    there are about two programs per multiprocessor, since decode has too few tokens to fill the GPU otherwise.
+    ``segments`` bounds the live segment count (one per distinct adapter, at most one per row). Under the
+    interpreter a fixed small config keeps CPU tests fast (and still splits K, to cover that path). On a GPU the
+    token tile follows the mean segment length (decode: 16, prefill: 64), and K is split until there are about two
+    programs per multiprocessor, since decode has too few tokens to fill the GPU otherwise.
     """
+    segments = max(1, min(num_slots, rows))
     width = rank_block(max_rank)
     if INTERPRETED or device.type != "cuda":
         block_m, block_k, block_n, splits = 16, 32, 32, 2
     else:
-        block_m = 16 if seg_tokens <= 16 else 32 if seg_tokens <= 32 else 64
+        mean_tokens = num_tokens / segments
+        block_m = 16 if mean_tokens <= 16 else 32 if mean_tokens <= 32 else 64
         block_k = 128 if width <= 32 else 64
         block_n = 128 if width <= 64 else 64
-        programs = num_segments * triton.cdiv(seg_tokens, block_m)
+        programs = segments * triton.cdiv(max(1, int(mean_tokens)), block_m)
         # At most 8 splits: every expand program sums all split partials, and beyond 8 that serial sum costs more
         # than the parallel shrink gains (measured: 64 splits at M=1, K=14336 made the pair 3x slower than torch).
         splits = min(triton.cdiv(2 * _multiprocessors(device), programs), 8)
     k_steps = triton.cdiv(triton.cdiv(k, block_k), max(1, min(splits, triton.cdiv(k, block_k))))
-    return block_m, block_k, block_n, triton.cdiv(k, k_steps * block_k), k_steps
+    return segments, block_m, block_k, block_n, triton.cdiv(k, k_steps * block_k), k_steps
 
 
 def launch_shrink(
@@ -67,8 +71,8 @@ def launch_shrink(
     seg_slots: torch.Tensor,
     seg_starts: torch.Tensor,
     seg_lens: torch.Tensor,
+    num_segments: torch.Tensor,
     tokens_per_row: int,
-    max_seg_rows: int,
     max_rank: int,
 ) -> torch.Tensor:
     """``h[split, t, :rank_s] = x[t, k-split] @ A_s[:, k-split]ᵀ`` for every token t of every segment.
@@ -81,12 +85,12 @@ def launch_shrink(
         ``[R, K]`` contiguous packed lora_A rows; adapter s owns rows ``offsets[s] : offsets[s] + ranks[s]``.
     offsets, ranks : torch.Tensor
         int32 ``[num_slots]``.
-    sorted_rows, seg_slots, seg_starts, seg_lens : torch.Tensor
-        int32 plan metadata; rows index groups of ``tokens_per_row`` consecutive tokens.
+    sorted_rows, seg_slots, seg_starts, seg_lens, num_segments : torch.Tensor
+        int32 plan metadata (``PlanView.segments``); rows index groups of ``tokens_per_row`` consecutive tokens.
     tokens_per_row : int
         Tokens per plan row (the sequence length for a ``[B, S, H]`` input).
-    max_seg_rows, max_rank : int
-        The longest segment (in rows) and the largest rank, for the grid and the rank tile.
+    max_rank : int
+        The largest rank of the layer, for the rank tile.
 
     Returns
     -------
@@ -94,15 +98,15 @@ def launch_shrink(
         fp32 ``[splits, T, rank_block(max_rank)]`` partial sums over K; rows of tokens in no segment are unwritten.
     """
     num_tokens, k = x.shape
-    num_segments = seg_slots.shape[0]
-    seg_tokens = max_seg_rows * tokens_per_row
-    block_m, block_k, _, splits, k_steps = _tiles(seg_tokens, num_segments, k, max_rank, x.device)
+    segments, block_m, block_k, _, splits, k_steps = _tiles(
+        num_tokens, offsets.shape[0], num_tokens // tokens_per_row, k, max_rank, x.device
+    )
     width = rank_block(max_rank)
     h = scratch_empty(splits, num_tokens, width, dtype=torch.float32, device=x.device)
-    if num_segments and seg_tokens:
-        shrink_kernel[(num_segments, triton.cdiv(seg_tokens, block_m), splits)](
-            x, a, h, sorted_rows, seg_slots, seg_starts, seg_lens, offsets, ranks, k, num_tokens, tokens_per_row,
-            x.stride(0), BLOCK_M=block_m, BLOCK_R=width, BLOCK_K=block_k, K_STEPS=k_steps,
+    if num_tokens:
+        shrink_kernel[(segments, triton.cdiv(num_tokens, block_m), splits)](
+            x, a, h, sorted_rows, seg_slots, seg_starts, seg_lens, num_segments, offsets, ranks, k, num_tokens,
+            tokens_per_row, x.stride(0), BLOCK_M=block_m, BLOCK_R=width, BLOCK_K=block_k, K_STEPS=k_steps,
             PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         )  # fmt: skip
     return h
@@ -119,8 +123,8 @@ def launch_expand(
     seg_slots: torch.Tensor,
     seg_starts: torch.Tensor,
     seg_lens: torch.Tensor,
+    num_segments: torch.Tensor,
     tokens_per_row: int,
-    max_seg_rows: int,
     max_rank: int,
 ) -> None:
     """``y[t] += (Σ_split h[split, t, cols_s]) @ B_tₛ`` for every token t of every segment, in place.
@@ -135,19 +139,20 @@ def launch_expand(
         int32 ``[num_slots]``: where this layer's part of slot s starts in a sibling group's ``h``; None for 0.
     b_t : torch.Tensor
         ``[R, N]`` contiguous packed ``scaling · lora_Bᵀ`` rows.
-    offsets, ranks, sorted_rows, seg_slots, seg_starts, seg_lens, tokens_per_row, max_seg_rows, max_rank
+    offsets, ranks, sorted_rows, seg_slots, seg_starts, seg_lens, num_segments, tokens_per_row, max_rank
         As for ``launch_shrink``, for this layer.
     """
-    num_segments = seg_slots.shape[0]
-    seg_tokens = max_seg_rows * tokens_per_row
-    if num_segments == 0 or max_rank == 0 or seg_tokens == 0:
+    num_tokens, n = y.shape
+    if num_tokens == 0 or max_rank == 0:
         return
-    n = y.shape[1]
-    block_m, _, block_n, _, _ = _tiles(seg_tokens, num_segments, b_t.shape[0], max_rank, y.device)
-    grid = (num_segments, triton.cdiv(seg_tokens, block_m), triton.cdiv(n, block_n))
+    segments, block_m, _, block_n, _, _ = _tiles(
+        num_tokens, offsets.shape[0], num_tokens // tokens_per_row, b_t.shape[0], max_rank, y.device
+    )
+    grid = (segments, triton.cdiv(num_tokens, block_m), triton.cdiv(n, block_n))
     expand_kernel[grid](
-        h, offsets if h_cols is None else h_cols, b_t, y, sorted_rows, seg_slots, seg_starts, seg_lens, offsets,
-        ranks, n, h.shape[1], tokens_per_row, y.stride(0), BLOCK_M=block_m, BLOCK_R=rank_block(max_rank),
+        h, offsets if h_cols is None else h_cols, b_t, y, sorted_rows, seg_slots, seg_starts, seg_lens,
+        num_segments, offsets, ranks, n, h.shape[1], tokens_per_row, y.stride(0), BLOCK_M=block_m,
+        BLOCK_R=rank_block(max_rank),
         H_STRIDE=h.shape[2], BLOCK_N=block_n, SPLITS=h.shape[0], SHARED_H=h_cols is not None,
         PRECISION="ieee" if b_t.dtype == torch.float32 else "tf32",
     )  # fmt: skip
@@ -160,15 +165,15 @@ expand_op = torch.library.custom_op("peft_fastlora::lora_expand_", mutates_args=
 
 
 @shrink_op.register_fake
-def _shrink_fake(x, a, offsets, ranks, sorted_rows, seg_slots, seg_starts, seg_lens, tokens_per_row, max_seg_rows,
+def _shrink_fake(x, a, offsets, ranks, sorted_rows, seg_slots, seg_starts, seg_lens, num_segments, tokens_per_row,
                  max_rank):  # fmt: skip
-    seg_tokens = max_seg_rows * tokens_per_row
-    splits = _tiles(seg_tokens, seg_slots.shape[0], x.shape[1], max_rank, x.device)[3]
-    return x.new_empty(splits, x.shape[0], rank_block(max_rank), dtype=torch.float32)
+    num_tokens, k = x.shape
+    splits = _tiles(num_tokens, offsets.shape[0], num_tokens // tokens_per_row, k, max_rank, x.device)[4]
+    return x.new_empty(splits, num_tokens, rank_block(max_rank), dtype=torch.float32)
 
 
 @expand_op.register_fake
-def _expand_fake(y, h, h_cols, b_t, offsets, ranks, sorted_rows, seg_slots, seg_starts, seg_lens, *sizes) -> None:
+def _expand_fake(y, h, h_cols, b_t, offsets, ranks, *plan_and_sizes) -> None:
     return None
 
 

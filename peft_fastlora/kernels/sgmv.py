@@ -22,23 +22,25 @@ import triton.language as tl
 
 @triton.jit
 def _segment_tile(
-    sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, offsets_ptr, ranks_ptr, tokens_per_row,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+    sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, num_segments_ptr, offsets_ptr, ranks_ptr,
+    tokens_per_row, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     """The tile this program owns: segment ``program_id(0)``, token block ``program_id(1)``.
 
-    Returns ``(active, tokens, token_mask, first_row, r, r_mask)``: whether the tile holds any token of an
-    adapter this layer has, the tile's token indices and mask, the adapter's first packed row, and the rank
-    lanes with their mask (lanes past the adapter's rank are masked, so no padding is read).
+    The grid covers the most segments and the longest segment the batch could have; programs past the live ones
+    find nothing to do. Returns ``(active, tokens, token_mask, first_row, r, r_mask)``: whether the tile holds
+    any token of an adapter this layer has, the tile's token indices and mask, the adapter's first packed row,
+    and the rank lanes with their mask (lanes past the adapter's rank are masked, so no padding is read).
     """
     seg = tl.program_id(0)
     mblock = tl.program_id(1)
-    slot = tl.load(seg_slots_ptr + seg)
+    live = seg < tl.load(num_segments_ptr)
+    slot = tl.load(seg_slots_ptr + seg, mask=live, other=0)  # stale entries past the live ones are never used
     rank = tl.load(ranks_ptr + slot)
-    seg_tokens = tl.load(seg_lens_ptr + seg) * tokens_per_row
+    seg_tokens = tl.load(seg_lens_ptr + seg, mask=live, other=0) * tokens_per_row
     position = mblock * BLOCK_M + tl.arange(0, BLOCK_M)
     token_mask = position < seg_tokens
-    first_position = tl.load(seg_starts_ptr + seg)
+    first_position = tl.load(seg_starts_ptr + seg, mask=live, other=0)
     row = tl.load(sorted_rows_ptr + first_position + position // tokens_per_row, mask=token_mask, other=0)
     tokens = row * tokens_per_row + position % tokens_per_row
     active = (mblock * BLOCK_M < seg_tokens) & (rank > 0)
@@ -93,7 +95,7 @@ def _expand_tile(
 @triton.jit
 def shrink_kernel(
     x_ptr, a_ptr, h_ptr,
-    sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, offsets_ptr, ranks_ptr,
+    sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, num_segments_ptr, offsets_ptr, ranks_ptr,
     K, num_tokens, tokens_per_row, stride_x,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -103,8 +105,8 @@ def shrink_kernel(
     ``h`` is fp32 ``[splits, num_tokens, BLOCK_R]``; only the tokens of segments are written."""
     split = tl.program_id(2)
     active, tokens, token_mask, first_row, r, r_mask = _segment_tile(
-        sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, offsets_ptr, ranks_ptr, tokens_per_row,
-        BLOCK_M, BLOCK_R,
+        sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, num_segments_ptr, offsets_ptr, ranks_ptr,
+        tokens_per_row, BLOCK_M, BLOCK_R,
     )  # fmt: skip
     if active:
         acc = _shrink_tile(
@@ -118,7 +120,7 @@ def shrink_kernel(
 @triton.jit
 def expand_kernel(
     h_ptr, h_cols_ptr, b_ptr, y_ptr,
-    sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, offsets_ptr, ranks_ptr,
+    sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, num_segments_ptr, offsets_ptr, ranks_ptr,
     N, num_tokens, tokens_per_row, stride_y,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, H_STRIDE: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLITS: tl.constexpr, SHARED_H: tl.constexpr, PRECISION: tl.constexpr,
@@ -128,8 +130,8 @@ def expand_kernel(
     ``h`` rows are ``H_STRIDE`` wide. With ``SHARED_H`` it is a sibling group's shrink output (q/k/v stacked), and
     this layer's part of slot s starts at column ``h_cols[s]``; otherwise at column 0."""
     active, tokens, token_mask, first_row, r, r_mask = _segment_tile(
-        sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, offsets_ptr, ranks_ptr, tokens_per_row,
-        BLOCK_M, BLOCK_R,
+        sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, num_segments_ptr, offsets_ptr, ranks_ptr,
+        tokens_per_row, BLOCK_M, BLOCK_R,
     )  # fmt: skip
     if active:
         column = r
