@@ -27,6 +27,19 @@ def test_demo_matches_peft():
     assert output.count("row ") == 6 and "__base__" in output
 
 
+def test_generate_benchmark_smoke(tmp_path):
+    """``bench_generate.py --small`` runs on the CPU and writes its JSON, with the correctness gate passing."""
+    import json
+
+    out = tmp_path / "generate.json"
+    output = run("benchmarks/bench_generate.py", "--small", "--out", str(out))
+    assert "ours_torch" in output
+    results = json.loads(out.read_text())["results"]
+    ours = [result for result in results if result["row"] == "ours_torch"]
+    assert ours and ours[0]["argmax_agreement"] == 1.0 and ours[0]["max_rel_logit_error"] < 1e-5
+    assert {result["row"] for result in results} >= {"base", "peft_single", "peft_mixed"}
+
+
 def test_demo_help_lists_backend():
     assert "--backend" in run("-m", "peft_fastlora", "demo", "--help")
 

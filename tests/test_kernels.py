@@ -117,6 +117,7 @@ def test_flattened_tokens_interpreted():
 @interpreted
 def test_single_adapter_and_absent_adapter_interpreted():
     check(5, 2, "identical", torch.float32, "cpu", ranks=[16, 8])
+    check(7, 1, "distinct", torch.float32, "cpu", ranks=[1, 3, 128])  # the smallest rank, and one above 64
     check(6, 1, "distinct", torch.float32, "cpu", ranks=[16, 8, 4], absent=(1,))
 
 

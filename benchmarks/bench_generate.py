@@ -1,0 +1,194 @@
+"""Mixed-adapter ``generate`` end to end: base model, PEFT single adapter, PEFT mixed batch, and peft_fastlora.
+
+On the GPU (default) the model is Llama-3-8B-shaped with random bf16 weights, built on the device (no download),
+with N rank-16 LoRA adapters on all 7 projections. Each configuration (batch size × distinct adapters) runs every
+row of the table in turn, repeats interleaved, greedy with a fixed number of new tokens; the table reports the
+median tok/s and the ratio to the base model in the same mode.
+
+Correctness gate: a speed number from a wrong output is void. Greedy tokens of a random bf16 model diverge on
+near-ties at bf16 resolution whatever computes the LoRA delta, so the gate is teacher-forced: one forward over
+PEFT's generated sequences, patched against unpatched, must agree in logits (relative error) and argmax (rate);
+the generated tokens' agreement is reported too.
+
+    python benchmarks/bench_generate.py --out generate.json            # GPU
+    python benchmarks/bench_generate.py --small                        # CPU smoke run, tiny model, < 1 minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from peft_fastlora import patch_model, tiny, unpatch_model
+from peft_fastlora.backends import get_backend
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build_model(small: bool, num_adapters: int, device: str):
+    """The base model with ``num_adapters`` random rank-16 adapters named a0, a1, ... (PeftModel, eval)."""
+    torch.manual_seed(0)
+    if small:
+        config, dtype = tiny.tiny_config("llama"), torch.float32
+    else:
+        config = LlamaConfig(
+            hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+            num_key_value_heads=8, vocab_size=128256, max_position_embeddings=4096, rope_theta=500000.0,
+        )  # fmt: skip
+        dtype = torch.bfloat16
+    with torch.device(device):
+        base = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, init_lora_weights=False)
+    # Adapters in the model's dtype for PEFT and peft_fastlora alike (PEFT would otherwise upcast them to fp32).
+    model = get_peft_model(base, lora, adapter_name="a0", autocast_adapter_dtype=False)
+    for index in range(1, num_adapters):
+        model.add_adapter(f"a{index}", lora)
+    model.generation_config.eos_token_id = None  # fixed lengths
+    return model.eval()
+
+
+def timed_generate(model, batch, new_tokens: int, **kwargs) -> tuple[float, torch.Tensor]:
+    """Seconds for one greedy generate of exactly ``new_tokens`` tokens, and the output ids."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    output = model.generate(
+        **batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **kwargs
+    )
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - started, output
+
+
+def teacher_forced_check(model, sequences: torch.Tensor, names: list[str], backend: str) -> dict:
+    """Logits over PEFT's own generated sequences, patched against unpatched: relative error and argmax rate."""
+    with torch.no_grad():
+        unpatch_model(model)
+        expected = model(input_ids=sequences, adapter_names=names).logits.float()
+        patch_model(model, backend=backend)
+        actual = model(input_ids=sequences, adapter_names=names).logits.float()
+    return {
+        "max_rel_logit_error": ((actual - expected).abs().max() / expected.abs().max()).item(),
+        "argmax_agreement": (actual.argmax(-1) == expected.argmax(-1)).float().mean().item(),
+    }
+
+
+def run_config(model, batch_size, distinct, backends, args, device) -> list[dict]:
+    names = [f"a{row % distinct}" for row in range(batch_size)]
+    generator = torch.Generator().manual_seed(batch_size * 100 + distinct)
+    vocab = model.config.vocab_size
+    batch = {"input_ids": torch.randint(3, vocab, (batch_size, args.prompt), generator=generator).to(device)}
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+
+    def base_row():
+        unpatch_model(model)
+        with model.disable_adapter():
+            return timed_generate(model, batch, args.new_tokens)
+
+    def peft_single_row():
+        unpatch_model(model)
+        model.set_adapter("a0")
+        return timed_generate(model, batch, args.new_tokens)
+
+    def peft_mixed_row():
+        unpatch_model(model)
+        return timed_generate(model, batch, args.new_tokens, adapter_names=names)
+
+    def ours_row(backend):
+        def run():
+            patch_model(model, backend=backend)
+            return timed_generate(model, batch, args.new_tokens, adapter_names=names)
+
+        return run
+
+    rows = {"base": base_row, "peft_single": peft_single_row, "peft_mixed": peft_mixed_row}
+    rows.update({f"ours_{backend}": ours_row(backend) for backend in backends})
+    seconds = {name: [] for name in rows}
+    outputs = {}
+    with torch.no_grad():
+        for name, run in rows.items():  # warm-up, outside the timings
+            outputs[name] = run()[1]
+        for _ in range(args.repeats):  # interleaved repeats
+            for name, run in rows.items():
+                seconds[name].append(run()[0])
+    results = []
+    base_tok_s = batch_size * args.new_tokens / statistics.median(seconds["base"])
+    for name, values in seconds.items():
+        tok_s = batch_size * args.new_tokens / statistics.median(values)
+        result = {
+            "mode": args.mode, "batch": batch_size, "distinct_adapters": distinct, "row": name, "tok_s": tok_s,
+            "ratio_to_base": tok_s / base_tok_s, "seconds": values,
+        }  # fmt: skip
+        if name.startswith("ours_"):
+            backend = name.removeprefix("ours_")
+            result["generated_token_agreement"] = (outputs[name] == outputs["peft_mixed"]).float().mean().item()
+            result.update(teacher_forced_check(model, outputs["peft_mixed"], names, backend))
+        results.append(result)
+    unpatch_model(model)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--small", action="store_true", help="tiny model on the CPU, for a smoke run")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--adapters", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--backends", nargs="+", default=None, help="default: every backend that runs here")
+    parser.add_argument("--mode", choices=["eager"], default="eager")
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="generate.json")
+    args = parser.parse_args()
+    device = "cpu" if args.small or not torch.cuda.is_available() else "cuda"
+    if args.small:
+        args.batches, args.adapters, args.prompt, args.new_tokens, args.repeats = [4], [2], 8, 4, 1
+    backends = args.backends or [
+        name
+        for name in ("triton", "torch")
+        if _runs(name, torch.device(device)) and (name == "torch" or device != "cpu")
+    ]
+    model = build_model(args.small, max(args.adapters), device)
+    header = (
+        f"{'mode':>6} {'batch':>5} {'adapters':>8} {'row':>14} {'tok/s':>9} {'× base':>7} {'tokens =':>8} "
+        f"{'TF argmax':>9}"
+    )
+    print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}; prompt {args.prompt}, "
+          f"{args.new_tokens} new tokens, median of {args.repeats}")  # fmt: skip
+    print(header)
+    results = []
+    for batch_size in args.batches:
+        for distinct in args.adapters:
+            if distinct > batch_size:
+                continue
+            for result in run_config(model, batch_size, distinct, backends, args, device):
+                results.append(result)
+                agree = result.get("generated_token_agreement")
+                forced = result.get("argmax_agreement")
+                print(
+                    f"{result['mode']:>6} {batch_size:>5} {distinct:>8} {result['row']:>14} {result['tok_s']:>9.1f} "
+                    f"{result['ratio_to_base']:>7.3f} {'' if agree is None else f'{agree:.3f}':>8} "
+                    f"{'' if forced is None else f'{forced:.3f}':>9}",
+                    flush=True,
+                )
+    meta = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__}
+    with open(args.out, "w") as handle:
+        json.dump({"meta": meta, "args": vars(args), "results": results}, handle, indent=1)
+
+
+def _runs(backend: str, device: torch.device) -> bool:
+    try:
+        get_backend(backend, device)
+    except RuntimeError:
+        return False
+    return True
+
+
+if __name__ == "__main__":
+    main()
