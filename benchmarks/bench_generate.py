@@ -154,7 +154,9 @@ def main() -> None:
         for name in ("triton", "torch")
         if _runs(name, torch.device(device)) and (name == "torch" or device != "cpu")
     ]
+    started = time.perf_counter()
     model = build_model(args.small, max(args.adapters), device)
+    print(f"model and {max(args.adapters)} adapters built in {time.perf_counter() - started:.1f} s", flush=True)
     header = (
         f"{'mode':>6} {'batch':>5} {'adapters':>8} {'row':>14} {'tok/s':>9} {'× base':>7} {'tokens =':>8} "
         f"{'TF argmax':>9}"

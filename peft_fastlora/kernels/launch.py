@@ -52,7 +52,7 @@ def _tiles(num_tokens: int, num_slots: int, rows: int, k: int, max_rank: int, de
     else:
         mean_tokens = num_tokens / segments
         block_m = 16 if mean_tokens <= 16 else 32 if mean_tokens <= 32 else 64
-        block_k = 128 if width <= 64 else 64  # rank 64 at 64 wide was slower than torch at K=14336 (28 serial steps)
+        block_k = 128 if width <= 32 else 64
         block_n = 128 if width <= 64 else 64
         programs = segments * triton.cdiv(max(1, int(mean_tokens)), block_m)
         # At most 8 splits: every expand program sums all split partials, and beyond 8 that serial sum costs more
