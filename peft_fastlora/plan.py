@@ -21,7 +21,7 @@ assignment replays correctly for any other of the same batch size.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -41,12 +41,9 @@ class PlanView:
         int32 ``[num_rows]``, the slot of each leading-dimension entry, -1 for base rows.
     sorted_rows : torch.Tensor
         int32 ``[num_lora_rows]``, the non-base entries grouped by slot.
-    seg_slots, seg_starts, seg_lens : torch.Tensor
-        int32 ``[num_segments]``, one segment per distinct non-base slot.
     groups : list[tuple[int, int, int]]
-        Host copy of the segments: ``(slot, start, length)``, for backends that loop in Python.
-    max_seg_len : int
-        The longest segment.
+        Host copy of the segments (one per distinct non-base slot): ``(slot, start, length)``, for backends that
+        loop in Python.
     segments : tuple[torch.Tensor, ...]
         For kernels: ``(sorted_rows, seg_slots, seg_starts, seg_lens)`` over the plan's full capacity (entries past
         the live ones are stale) and a one-element int32 tensor holding the number of segments.
@@ -54,13 +51,8 @@ class PlanView:
 
     row_slots: torch.Tensor
     sorted_rows: torch.Tensor
-    seg_slots: torch.Tensor
-    seg_starts: torch.Tensor
-    seg_lens: torch.Tensor
     groups: list[tuple[int, int, int]]
-    max_seg_len: int
     segments: tuple[torch.Tensor, ...]
-    _row_index: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def num_rows(self) -> int:
@@ -143,16 +135,11 @@ class BatchPlan:
         host[_SECTIONS * cap] = len(groups)
         # A blocking copy, once per call: the staging buffer is reused by the next call, so the copy must be done.
         self._buffer.copy_(host)
-        num_segments = len(groups)
         self._views = {
             rows: PlanView(
                 row_slots=self._section(0, rows),
                 sorted_rows=self._section(1, len(sorted_rows)),
-                seg_slots=self._section(2, num_segments),
-                seg_starts=self._section(3, num_segments),
-                seg_lens=self._section(4, num_segments),
                 groups=groups,
-                max_seg_len=max((length for _, _, length in groups), default=0),
                 segments=(
                     *(self._section(index, cap) for index in range(1, _SECTIONS)),
                     self._buffer[_SECTIONS * cap :],
@@ -197,7 +184,6 @@ class BatchPlan:
         """The plan with every row repeated ``tokens_per_row`` times, consecutively (a flattened [B*S, H] input)."""
         row_view = self._views[len(self.slots)]
         offsets = torch.arange(tokens_per_row, dtype=torch.int32, device=self.device)
-        sorted_tokens = (row_view.sorted_rows[:, None] * tokens_per_row + offsets).reshape(-1)
         groups = [(slot, start * tokens_per_row, length * tokens_per_row) for slot, start, length in row_view.groups]
         rows, seg_slots, seg_starts, seg_lens, count = row_view.segments
         segments = (
@@ -209,11 +195,7 @@ class BatchPlan:
         )
         return PlanView(
             row_slots=row_view.row_slots.repeat_interleave(tokens_per_row),
-            sorted_rows=sorted_tokens,
-            seg_slots=row_view.seg_slots,
-            seg_starts=row_view.seg_starts * tokens_per_row,
-            seg_lens=row_view.seg_lens * tokens_per_row,
+            sorted_rows=segments[0][: row_view.sorted_rows.shape[0] * tokens_per_row],
             groups=groups,
-            max_seg_len=row_view.max_seg_len * tokens_per_row,
             segments=segments,
         )
