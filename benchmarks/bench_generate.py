@@ -10,8 +10,14 @@ near-ties at bf16 resolution whatever computes the LoRA delta, so the gate is te
 PEFT's generated sequences, patched against unpatched, must agree in logits (relative error) and argmax (rate);
 the generated tokens' agreement is reported too.
 
-    python benchmarks/bench_generate.py --out generate.json            # GPU
+Modes: ``eager`` (the dynamic cache, no compilation) and ``compiled`` (``cache_implementation="static"``, which
+makes transformers compile the decode step with its default CompileConfig: inductor with CUDA graphs). In compiled
+mode each ``ours`` row also reports how many dynamo compilations a *new* assignment of adapters to the same rows
+caused after timing (it must be 0).
+
+    python benchmarks/bench_generate.py --out generate.json            # GPU, the whole grid
     python benchmarks/bench_generate.py --small                        # CPU smoke run, tiny model, < 1 minute
+    python benchmarks/report_generate.py generate.json                 # markdown table and PNG plot
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ import time
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, LlamaConfig
+from torch._dynamo.utils import counters
+from transformers import AutoModelForCausalLM, CompileConfig, LlamaConfig
 
 from peft_fastlora import patch_model, tiny, unpatch_model
 from peft_fastlora.backends import get_backend
@@ -53,6 +60,20 @@ def build_model(small: bool, num_adapters: int, device: str):
     return model.eval()
 
 
+def mode_kwargs(mode: str, device: str) -> dict:
+    """generate() kwargs of a mode: nothing for eager; the static cache (and so transformers' automatic decode
+    compilation) for compiled. On the CPU (smoke runs) compilation must be allowed explicitly, and aot_eager stands
+    in for inductor to keep the run short."""
+    if mode == "eager":
+        return {}
+    kwargs = {"cache_implementation": "static"}
+    if device == "cpu":
+        config = CompileConfig(backend="aot_eager", mode=None)
+        config._compile_all_devices = True
+        kwargs["compile_config"] = config
+    return kwargs
+
+
 def timed_generate(model, batch, new_tokens: int, **kwargs) -> tuple[float, torch.Tensor]:
     """Seconds for one greedy generate of exactly ``new_tokens`` tokens, and the output ids."""
     if torch.cuda.is_available():
@@ -79,8 +100,19 @@ def teacher_forced_check(model, sequences: torch.Tensor, names: list[str], backe
     }
 
 
-def run_config(model, batch_size, distinct, backends, args, device) -> list[dict]:
+def new_assignment_compilations(model, batch, names, backend, new_tokens, extra) -> int:
+    """Dynamo compilations caused by one generate with the rows' adapters rotated by one (same batch size)."""
+    patch_model(model, backend=backend)
+    before = counters["stats"]["unique_graphs"]
+    timed_generate(model, batch, new_tokens, adapter_names=names[1:] + names[:1], **extra)
+    return counters["stats"]["unique_graphs"] - before
+
+
+def run_config(model, mode, batch_size, distinct, backends, args, device) -> list[dict]:
     names = [f"a{row % distinct}" for row in range(batch_size)]
+    extra = mode_kwargs(mode, device)
+    # Each configuration compiles its own graphs; a fresh dynamo cache keeps every row under the recompile limit.
+    torch._dynamo.reset()
     generator = torch.Generator().manual_seed(batch_size * 100 + distinct)
     vocab = model.config.vocab_size
     batch = {"input_ids": torch.randint(3, vocab, (batch_size, args.prompt), generator=generator).to(device)}
@@ -89,21 +121,21 @@ def run_config(model, batch_size, distinct, backends, args, device) -> list[dict
     def base_row():
         unpatch_model(model)
         with model.disable_adapter():
-            return timed_generate(model, batch, args.new_tokens)
+            return timed_generate(model, batch, args.new_tokens, **extra)
 
     def peft_single_row():
         unpatch_model(model)
         model.set_adapter("a0")
-        return timed_generate(model, batch, args.new_tokens)
+        return timed_generate(model, batch, args.new_tokens, **extra)
 
     def peft_mixed_row():
         unpatch_model(model)
-        return timed_generate(model, batch, args.new_tokens, adapter_names=names)
+        return timed_generate(model, batch, args.new_tokens, adapter_names=names, **extra)
 
     def ours_row(backend):
         def run():
             patch_model(model, backend=backend)
-            return timed_generate(model, batch, args.new_tokens, adapter_names=names)
+            return timed_generate(model, batch, args.new_tokens, adapter_names=names, **extra)
 
         return run
 
@@ -112,22 +144,31 @@ def run_config(model, batch_size, distinct, backends, args, device) -> list[dict
     seconds = {name: [] for name in rows}
     outputs = {}
     with torch.no_grad():
-        for name, run in rows.items():  # warm-up, outside the timings
+        for name, run in rows.items():  # warm-up (and compilation), outside the timings
+            started = time.perf_counter()
             outputs[name] = run()[1]
-        for _ in range(args.repeats):  # interleaved repeats
+            print(
+                f"  warm-up {mode} b{batch_size} n{distinct} {name}: {time.perf_counter() - started:.1f} s", flush=True
+            )
+        for repeat in range(args.repeats):  # interleaved repeats
             for name, run in rows.items():
-                seconds[name].append(run()[0])
+                if name != "peft_mixed" or repeat < args.peft_mixed_repeats:
+                    seconds[name].append(run()[0])
     results = []
     base_tok_s = batch_size * args.new_tokens / statistics.median(seconds["base"])
     for name, values in seconds.items():
         tok_s = batch_size * args.new_tokens / statistics.median(values)
         result = {
-            "mode": args.mode, "batch": batch_size, "distinct_adapters": distinct, "row": name, "tok_s": tok_s,
+            "mode": mode, "batch": batch_size, "distinct_adapters": distinct, "row": name, "tok_s": tok_s,
             "ratio_to_base": tok_s / base_tok_s, "seconds": values,
         }  # fmt: skip
         if name.startswith("ours_"):
             backend = name.removeprefix("ours_")
             result["generated_token_agreement"] = (outputs[name] == outputs["peft_mixed"]).float().mean().item()
+            if mode == "compiled":
+                result["compilations_on_new_assignment"] = new_assignment_compilations(
+                    model, batch, names, backend, args.new_tokens, extra
+                )
             result.update(teacher_forced_check(model, outputs["peft_mixed"], names, backend))
         results.append(result)
     unpatch_model(model)
@@ -140,15 +181,26 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--adapters", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--backends", nargs="+", default=None, help="default: every backend that runs here")
-    parser.add_argument("--mode", choices=["eager"], default="eager")
+    parser.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"])
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--peft-mixed-repeats",
+        type=int,
+        default=1,
+        help="timed repeats of the (slow) PEFT mixed row, at most --repeats",
+    )
     parser.add_argument("--out", default="generate.json")
     args = parser.parse_args()
     device = "cpu" if args.small or not torch.cuda.is_available() else "cuda"
     if args.small:
         args.batches, args.adapters, args.prompt, args.new_tokens, args.repeats = [4], [2], 8, 4, 1
+    # Every row of every configuration is its own graph; the default limit (8) would silently fall back to eager.
+    torch._dynamo.config.recompile_limit = 64
+    # PEFT's mixed batch hands names to its layers through forward hooks, which dynamo by default does not guard on:
+    # its compiled row would replay the single-adapter graph and produce wrong tokens (seen on the CPU smoke run).
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
     backends = args.backends or [
         name
         for name in ("triton", "torch")
@@ -158,29 +210,38 @@ def main() -> None:
     model = build_model(args.small, max(args.adapters), device)
     print(f"model and {max(args.adapters)} adapters built in {time.perf_counter() - started:.1f} s", flush=True)
     header = (
-        f"{'mode':>6} {'batch':>5} {'adapters':>8} {'row':>14} {'tok/s':>9} {'× base':>7} {'tokens =':>8} "
+        f"{'mode':>8} {'batch':>5} {'adapters':>8} {'row':>14} {'tok/s':>9} {'× base':>7} {'tokens =':>8} "
         f"{'TF argmax':>9}"
     )
     print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}; prompt {args.prompt}, "
           f"{args.new_tokens} new tokens, median of {args.repeats}")  # fmt: skip
     print(header)
     results = []
-    for batch_size in args.batches:
-        for distinct in args.adapters:
-            if distinct > batch_size:
-                continue
-            for result in run_config(model, batch_size, distinct, backends, args, device):
-                results.append(result)
-                agree = result.get("generated_token_agreement")
-                forced = result.get("argmax_agreement")
-                print(
-                    f"{result['mode']:>6} {batch_size:>5} {distinct:>8} {result['row']:>14} {result['tok_s']:>9.1f} "
-                    f"{result['ratio_to_base']:>7.3f} {'' if agree is None else f'{agree:.3f}':>8} "
-                    f"{'' if forced is None else f'{forced:.3f}':>9}",
-                    flush=True,
-                )
+    configs = [
+        (mode, batch_size, distinct)
+        for mode in args.modes
+        for batch_size in args.batches
+        for distinct in args.adapters
+        if distinct <= batch_size
+    ]
+    for mode, batch_size, distinct in configs:
+        for result in run_config(model, mode, batch_size, distinct, backends, args, device):
+            results.append(result)
+            agree = result.get("generated_token_agreement")
+            forced = result.get("argmax_agreement")
+            print(
+                f"{result['mode']:>8} {batch_size:>5} {distinct:>8} {result['row']:>14} {result['tok_s']:>9.1f} "
+                f"{result['ratio_to_base']:>7.3f} {'' if agree is None else f'{agree:.3f}':>8} "
+                f"{'' if forced is None else f'{forced:.3f}':>9}",
+                flush=True,
+            )
+        # Written after every configuration, so a run cut short by a time limit keeps what it measured.
+        _write(args.out, device, args, results)
+
+
+def _write(path: str, device: str, args, results: list[dict]) -> None:
     meta = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__}
-    with open(args.out, "w") as handle:
+    with open(path, "w") as handle:
         json.dump({"meta": meta, "args": vars(args), "results": results}, handle, indent=1)
 
 

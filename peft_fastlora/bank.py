@@ -44,6 +44,8 @@ class PackedLora:
         Per slot: the first row of that adapter in ``a``/``b_t`` and its rank (0 where the layer lacks it).
     offsets_dev, ranks_dev : torch.Tensor
         The same as int32 tensors on the weights' device, for kernels.
+    column_slots : torch.Tensor
+        int32 ``[R]``, the slot that owns each packed row (for the assignment-independent compiled torch path).
     """
 
     a: torch.Tensor
@@ -52,6 +54,7 @@ class PackedLora:
     ranks: list[int]
     offsets_dev: torch.Tensor
     ranks_dev: torch.Tensor
+    column_slots: torch.Tensor
     # Set when the layer belongs to a sibling group (see SiblingGroup): the group, whether this layer leads it,
     # and int32 [num_slots] columns where this layer's part of each slot starts in the group's shrink output.
     group: SiblingGroup | None = None
@@ -212,6 +215,9 @@ def pack_layer(layer: LoraLayer, slots: dict[str, int]) -> PackedLora:
         ranks=ranks,
         offsets_dev=torch.tensor(offsets, dtype=torch.int32, device=device),
         ranks_dev=torch.tensor(ranks, dtype=torch.int32, device=device),
+        column_slots=torch.tensor(
+            [slot for slot, rank in enumerate(ranks) for _ in range(rank)], dtype=torch.int32, device=device
+        ),
     )
 
 

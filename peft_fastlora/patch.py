@@ -249,7 +249,10 @@ def _mixed_batch_context(lora_model: LoraModel, *args, **kwargs):
             ]
         state.plan = state.plan_buffers
         try:
-            yield
+            # PEFT-path modules get their names through forward hooks, and dynamo by default does not guard on
+            # hooks: a graph compiled without them (or with another call's names) would be replayed silently.
+            with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
+                yield
         finally:
             state.plan = None
             bank.forget_inputs()

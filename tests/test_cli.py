@@ -28,7 +28,8 @@ def test_demo_matches_peft():
 
 
 def test_generate_benchmark_smoke(tmp_path):
-    """``bench_generate.py --small`` runs on the CPU and writes its JSON, with the correctness gate passing."""
+    """``bench_generate.py --small`` runs both modes on the CPU and writes its JSON with the correctness gate
+    passing and no recompilation for a new assignment; ``report_generate.py`` turns it into a table and a plot."""
     import json
 
     out = tmp_path / "generate.json"
@@ -36,8 +37,16 @@ def test_generate_benchmark_smoke(tmp_path):
     assert "ours_torch" in output
     results = json.loads(out.read_text())["results"]
     ours = [result for result in results if result["row"] == "ours_torch"]
-    assert ours and ours[0]["argmax_agreement"] == 1.0 and ours[0]["max_rel_logit_error"] < 1e-5
+    assert {result["mode"] for result in ours} == {"eager", "compiled"}
+    for result in ours:
+        assert result["argmax_agreement"] == 1.0 and result["max_rel_logit_error"] < 1e-5
+        assert result["generated_token_agreement"] == 1.0
+    assert [result["compilations_on_new_assignment"] for result in ours if result["mode"] == "compiled"] == [0]
     assert {result["row"] for result in results} >= {"base", "peft_single", "peft_mixed"}
+    table, plot = tmp_path / "generate.md", tmp_path / "generate.png"
+    report = run("benchmarks/report_generate.py", str(out), "--table", str(table), "--plot", str(plot))
+    assert "| compiled | 4 | 2 |" in report and table.read_text() in report + "\n"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_demo_help_lists_backend():

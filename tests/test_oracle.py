@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close_relative, interpreted, load
+from helpers import assert_close_relative, gpu_test_model, interpreted, load
 
 from peft_fastlora import patch_model, tiny, unpatch_model
 
@@ -177,28 +177,8 @@ def test_modules_to_save_in_mixed_batch(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @torch.no_grad()
 def test_greedy_tokens_on_gpu(dtype, backend, tmp_path):
-    """Greedy tokens equal PEFT's on the GPU: the tiny model in fp32, and a wider one (hidden 1024) in bf16.
-
-    The bf16 model is initialised with a wider weight spread (0.1, not 0.02) so that its logits are not a sea of
-    near-ties at bf16 resolution, where any change of summation order flips an argmax."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    if dtype == torch.float32:
-        config = tiny.tiny_config("llama")
-    else:
-        config = LlamaConfig(
-            hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=8,
-            num_key_value_heads=4, vocab_size=tiny.VOCAB_SIZE, pad_token_id=0, max_position_embeddings=256,
-            initializer_range=0.1,
-        )  # fmt: skip
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    ranks = {"a": 8, "b": 16, "c": 64}
-    for seed, (name, rank) in enumerate(ranks.items(), start=1):
-        tiny.save_adapter(base, tmp_path / name, seed=seed, r=rank, lora_alpha=rank)
-    model = tiny.load_peft_model(base, {name: tmp_path / name for name in ranks}).to("cuda")
-    names = ["a", "b", "__base__", "c", "b", "a", "c", "c"]
-    batch = {key: value.cuda() for key, value in tiny.random_prompts(len(names), 12, seed=5).items()}
+    """Greedy tokens equal PEFT's on the GPU: the tiny model in fp32, and a wider one in bf16 (see gpu_test_model)."""
+    model, names, batch = gpu_test_model(dtype, tmp_path)
     kwargs = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0}
     expected = model.generate(**batch, adapter_names=names, **kwargs)
     patch_model(model)

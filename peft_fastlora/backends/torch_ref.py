@@ -3,6 +3,11 @@
 For each distinct adapter in the batch it gathers that adapter's rows, runs ``(x @ Aᵀ) @ (scaling·B)ᵀ`` on them
 and adds the result back into the base output in place. That is PEFT's own mixed-batch algorithm, minus the
 name lookups: the grouping comes precomputed from the plan and the weights come packed from the bank.
+
+Under ``torch.compile`` that loop would bake the assignment of adapters to rows into the graph (dynamo guards on
+the Python list of groups) and recompile for every new assignment. There the backend computes every row against
+all packed adapters at once and masks each row to its own adapter's rank columns instead: more arithmetic
+(``R`` = the sum of all ranks, not one adapter's), but one graph for any assignment of a batch size.
 """
 
 from __future__ import annotations
@@ -33,6 +38,10 @@ class TorchBackend:
         view : PlanView
             The plan for leading size ``N``.
         """
+        if torch.compiler.is_compiling():
+            h = x.to(packed.dtype) @ packed.a.t()
+            result += (_own_columns(h, packed, view) @ packed.b_t).to(result.dtype)
+            return
         for slot, start, length in view.groups:
             weights = packed.adapter(slot)
             if weights is None:
@@ -65,6 +74,12 @@ class TorchBackend:
         embed_scale : torch.Tensor or None
             The scale some embeddings (e.g. Gemma's) apply to their output, applied to the delta too as PEFT does.
         """
+        if torch.compiler.is_compiling():
+            delta = _own_columns(F.embedding(input_ids, packed.a.t()), packed, view) @ packed.b_t
+            if embed_scale is not None:
+                delta = delta * embed_scale.to(delta.dtype)
+            result += delta.to(result.dtype)
+            return
         for slot, start, length in view.groups:
             weights = packed.adapter(slot)
             if weights is None:
@@ -75,3 +90,13 @@ class TorchBackend:
             if embed_scale is not None:
                 delta = delta * embed_scale.to(delta.dtype)
             result.index_add_(0, rows, delta.to(result.dtype))
+
+
+def _own_columns(h: torch.Tensor, packed: PackedLora, view: PlanView) -> torch.Tensor:
+    """Zero every column of ``h`` (``[N, ..., R]``, all adapters' shrink outputs) that is not the row's own adapter.
+
+    Base rows (slot -1) keep no column. The mask depends on the plan's tensors only, not on Python values, so a
+    compiled graph serves any assignment."""
+    own = view.row_slots[:, None] == packed.column_slots[None, :]  # [N, R]
+    # where, not a multiply by the mask: a non-finite value in another adapter's column must not leak into this row.
+    return torch.where(own.view(own.shape[0], *([1] * (h.dim() - 2)), own.shape[1]), h, 0)

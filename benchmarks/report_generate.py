@@ -1,0 +1,109 @@
+"""Turn ``bench_generate.py`` JSON into the README's markdown table and a PNG plot of tok/s against distinct adapters.
+
+Several JSON files (e.g. one per device call, each within its time limit) are merged; a later file's row replaces an
+earlier one for the same (mode, batch, distinct adapters, row).
+
+    python benchmarks/report_generate.py run1.json run2.json --table table.md --plot generate.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def load_results(paths: list[str]) -> tuple[dict, list[dict]]:
+    """The merged results of ``paths`` and the first file's ``meta``."""
+    merged: dict[tuple, dict] = {}
+    meta: dict = {}
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        meta = meta or data["meta"] | {"args": data["args"]}
+        for result in data["results"]:
+            merged[(result["mode"], result["batch"], result["distinct_adapters"], result["row"])] = result
+    return meta, list(merged.values())
+
+
+def markdown_table(meta: dict, results: list[dict]) -> str:
+    """One line per (mode, batch, distinct adapters): tok/s of each row, ours' ratio to base and to PEFT mixed."""
+    rows = sorted({result["row"] for result in results}, key=_row_order)
+    configs = sorted({(r["mode"], r["batch"], r["distinct_adapters"]) for r in results}, key=_config_order)
+    by_key = {(r["mode"], r["batch"], r["distinct_adapters"], r["row"]): r for r in results}
+    ours = [row for row in rows if row.startswith("ours_")]
+    header = ["mode", "batch", "adapters", *(f"{row} tok/s" for row in rows)]
+    header += [f"{row} / base" for row in ours] + [f"{row} / PEFT mixed" for row in ours]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for config in configs:
+        cells = [str(value) for value in config]
+        cells += [_tok_s(by_key.get((*config, row))) for row in rows]
+        for row in ours:
+            result = by_key.get((*config, row))
+            cells.append("" if result is None else f"{result['ratio_to_base']:.3f}")
+        for row in ours:
+            result, peft = by_key.get((*config, row)), by_key.get((*config, "peft_mixed"))
+            cells.append("" if result is None or peft is None else f"{result['tok_s'] / peft['tok_s']:.1f}×")
+        lines.append("| " + " | ".join(cells) + " |")
+    args = meta.get("args", {})
+    caption = (
+        f"{meta.get('device', '?')}, torch {meta.get('torch', '?')}; prompt {args.get('prompt')}, "
+        f"{args.get('new_tokens')} new tokens, greedy, median of {args.get('repeats')} interleaved repeats "
+        f"(PEFT mixed: {args.get('peft_mixed_repeats')})."
+    )
+    return caption + "\n\n" + "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict], path: str) -> None:
+    """tok/s against distinct adapters: one panel per (mode, batch), one line per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on the machines this runs on
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["mode"], r["batch"]) for r in results}, key=_config_order)
+    figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False)
+    for axis, (mode, batch) in zip(axes[0], panels, strict=True):
+        for row in sorted({r["row"] for r in results}, key=_row_order):
+            points = sorted(
+                (r["distinct_adapters"], r["tok_s"])
+                for r in results
+                if (r["mode"], r["batch"], r["row"]) == (mode, batch, row)
+            )
+            if points:
+                axis.plot(*zip(*points, strict=True), marker="o", label=row)
+        axis.set(
+            title=f"{mode}, batch {batch}", xlabel="distinct adapters", ylabel="tok/s", xscale="log", yscale="log"
+        )
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def _tok_s(result: dict | None) -> str:
+    return "" if result is None else f"{result['tok_s']:.0f}"
+
+
+def _row_order(row: str) -> tuple:
+    return (["base", "peft_single", "peft_mixed"].index(row) if not row.startswith("ours_") else 3, row)
+
+
+def _config_order(config: tuple) -> tuple:
+    return (["eager", "compiled"].index(config[0]), *config[1:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("inputs", nargs="+", help="bench_generate.py JSON files")
+    parser.add_argument("--table", default="generate.md")
+    parser.add_argument("--plot", default="generate.png")
+    args = parser.parse_args()
+    meta, results = load_results(args.inputs)
+    table = markdown_table(meta, results)
+    Path(args.table).write_text(table)
+    plot(results, args.plot)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
