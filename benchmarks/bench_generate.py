@@ -38,8 +38,9 @@ from peft_fastlora.backends import get_backend
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def build_model(small: bool, num_adapters: int, device: str):
-    """The base model with ``num_adapters`` random rank-16 adapters named a0, a1, ... (PeftModel, eval)."""
+def build_model(small: bool, num_adapters: int, device: str, dora: bool = False):
+    """The base model with ``num_adapters`` random rank-16 adapters named a0, a1, ... (PeftModel, eval), and with
+    ``dora`` as many rank-16 DoRA adapters d0, d1, ... (magnitudes perturbed, so that DoRA's rescale matters)."""
     torch.manual_seed(0)
     if small:
         config, dtype = tiny.tiny_config("llama"), torch.float32
@@ -56,6 +57,14 @@ def build_model(small: bool, num_adapters: int, device: str):
     model = get_peft_model(base, lora, adapter_name="a0", autocast_adapter_dtype=False)
     for index in range(1, num_adapters):
         model.add_adapter(f"a{index}", lora)
+    if dora:
+        dora_lora = LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, init_lora_weights=False, use_dora=True)
+        for index in range(num_adapters):
+            model.add_adapter(f"d{index}", dora_lora)
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "lora_magnitude_vector" in name:
+                    parameter.mul_(1 + 0.3 * torch.rand_like(parameter))
     model.generation_config.eos_token_id = None  # fixed lengths
     return model.eval()
 
@@ -92,6 +101,24 @@ def teacher_forced_check(model, sequences: torch.Tensor, names: list[str], backe
     with torch.no_grad():
         unpatch_model(model)
         expected = model(input_ids=sequences, adapter_names=names).logits.float()
+        patch_model(model, backend=backend)
+        actual = model(input_ids=sequences, adapter_names=names).logits.float()
+    return {
+        "max_rel_logit_error": ((actual - expected).abs().max() / expected.abs().max()).item(),
+        "argmax_agreement": (actual.argmax(-1) == expected.argmax(-1)).float().mean().item(),
+    }
+
+
+def per_adapter_check(model, sequences: torch.Tensor, names: list[str], backend: str) -> dict:
+    """The gate for rows PEFT's mixed batch refuses (DoRA): patched mixed logits over ``sequences`` against PEFT's
+    single-adapter forward (``set_adapter``) of each adapter's rows."""
+    with torch.no_grad():
+        unpatch_model(model)
+        expected = torch.empty(*sequences.shape, model.config.vocab_size, device=sequences.device)
+        for name in set(names):
+            rows = [row for row, row_name in enumerate(names) if row_name == name]
+            model.set_adapter(name)
+            expected[rows] = model(input_ids=sequences[rows]).logits.float()
         patch_model(model, backend=backend)
         actual = model(input_ids=sequences, adapter_names=names).logits.float()
     return {
@@ -139,8 +166,18 @@ def run_config(model, mode, batch_size, distinct, backends, args, device) -> lis
 
         return run
 
+    def ours_dora_row(backend):
+        def run():
+            patch_model(model, backend=backend)
+            return timed_generate(model, batch, args.new_tokens, adapter_names=dora_names, **extra)
+
+        return run
+
+    dora_names = [name.replace("a", "d") for name in names]
     rows = {"base": base_row, "peft_single": peft_single_row, "peft_mixed": peft_mixed_row}
     rows.update({f"ours_{backend}": ours_row(backend) for backend in backends})
+    if args.dora:
+        rows.update({f"ours_{backend}_dora": ours_dora_row(backend) for backend in backends})
     seconds = {name: [] for name in rows}
     outputs = {}
     with torch.no_grad():
@@ -162,7 +199,11 @@ def run_config(model, mode, batch_size, distinct, backends, args, device) -> lis
             "mode": mode, "batch": batch_size, "distinct_adapters": distinct, "row": name, "tok_s": tok_s,
             "ratio_to_base": tok_s / base_tok_s, "seconds": values,
         }  # fmt: skip
-        if name.startswith("ours_"):
+        if name.endswith("_dora"):
+            # PEFT has no mixed DoRA batch to compare tokens with; the gate runs on our own sequences.
+            backend = name.removeprefix("ours_").removesuffix("_dora")
+            result.update(per_adapter_check(model, outputs[name], dora_names, backend))
+        elif name.startswith("ours_"):
             backend = name.removeprefix("ours_")
             result["generated_token_agreement"] = (outputs[name] == outputs["peft_mixed"]).float().mean().item()
             if mode == "compiled":
@@ -191,11 +232,13 @@ def main() -> None:
         default=1,
         help="timed repeats of the (slow) PEFT mixed row, at most --repeats",
     )
+    parser.add_argument("--dora", action="store_true", help="also time DoRA adapters in the same mixed batches")
     parser.add_argument("--out", default="generate.json")
     args = parser.parse_args()
     device = "cpu" if args.small or not torch.cuda.is_available() else "cuda"
     if args.small:
         args.batches, args.adapters, args.prompt, args.new_tokens, args.repeats = [4], [2], 8, 4, 1
+        args.dora = True
     # Every row of every configuration is its own graph; the default limit (8) would silently fall back to eager.
     torch._dynamo.config.recompile_limit = 64
     # PEFT's mixed batch hands names to its layers through forward hooks, which dynamo by default does not guard on:
@@ -207,10 +250,10 @@ def main() -> None:
         if _runs(name, torch.device(device)) and (name == "torch" or device != "cpu")
     ]
     started = time.perf_counter()
-    model = build_model(args.small, max(args.adapters), device)
+    model = build_model(args.small, max(args.adapters), device, args.dora)
     print(f"model and {max(args.adapters)} adapters built in {time.perf_counter() - started:.1f} s", flush=True)
     header = (
-        f"{'mode':>8} {'batch':>5} {'adapters':>8} {'row':>14} {'tok/s':>9} {'× base':>7} {'tokens =':>8} "
+        f"{'mode':>8} {'batch':>5} {'adapters':>8} {'row':>17} {'tok/s':>9} {'× base':>7} {'tokens =':>8} "
         f"{'TF argmax':>9}"
     )
     print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}; prompt {args.prompt}, "
@@ -230,7 +273,7 @@ def main() -> None:
             agree = result.get("generated_token_agreement")
             forced = result.get("argmax_agreement")
             print(
-                f"{result['mode']:>8} {batch_size:>5} {distinct:>8} {result['row']:>14} {result['tok_s']:>9.1f} "
+                f"{result['mode']:>8} {batch_size:>5} {distinct:>8} {result['row']:>17} {result['tok_s']:>9.1f} "
                 f"{result['ratio_to_base']:>7.3f} {'' if agree is None else f'{agree:.3f}':>8} "
                 f"{'' if forced is None else f'{forced:.3f}':>9}",
                 flush=True,

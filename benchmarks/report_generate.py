@@ -31,8 +31,11 @@ def markdown_table(meta: dict, results: list[dict]) -> str:
     configs = sorted({(r["mode"], r["batch"], r["distinct_adapters"]) for r in results}, key=_config_order)
     by_key = {(r["mode"], r["batch"], r["distinct_adapters"], r["row"]): r for r in results}
     ours = [row for row in rows if row.startswith("ours_")]
+    plain = [row for row in ours if not row.endswith("_dora")]
+    dora = [row for row in ours if row.endswith("_dora")]
     header = ["mode", "batch", "adapters", *(f"{row} tok/s" for row in rows)]
-    header += [f"{row} / base" for row in ours] + [f"{row} / PEFT mixed" for row in ours]
+    header += [f"{row} / base" for row in ours] + [f"{row} / PEFT mixed" for row in plain]
+    header += [f"{row} / {row.removesuffix('_dora')}" for row in dora]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for config in configs:
         cells = [str(value) for value in config]
@@ -40,9 +43,10 @@ def markdown_table(meta: dict, results: list[dict]) -> str:
         for row in ours:
             result = by_key.get((*config, row))
             cells.append("" if result is None else f"{result['ratio_to_base']:.3f}")
-        for row in ours:
-            result, peft = by_key.get((*config, row)), by_key.get((*config, "peft_mixed"))
-            cells.append("" if result is None or peft is None else f"{result['tok_s'] / peft['tok_s']:.1f}×")
+        for row in plain:
+            cells.append(_speedup(by_key.get((*config, row)), by_key.get((*config, "peft_mixed"))))
+        for row in dora:  # the cost of DoRA against plain LoRA in the same batch shape
+            cells.append(_speedup(by_key.get((*config, row)), by_key.get((*config, row.removesuffix("_dora")))))
         lines.append("| " + " | ".join(cells) + " |")
     args = meta.get("args", {})
     caption = (
@@ -78,6 +82,10 @@ def plot(results: list[dict], path: str) -> None:
     axes[0][0].legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
+
+
+def _speedup(result: dict | None, reference: dict | None) -> str:
+    return "" if result is None or reference is None else f"{result['tok_s'] / reference['tok_s']:.2f}×"
 
 
 def _tok_s(result: dict | None) -> str:

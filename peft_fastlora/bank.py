@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from peft.tuners.lora import LoraLayer
 
+from .dora import DoraScales, dora_adapters, dora_scales
 from .peft_messages import BASE_ADAPTER_NAME
 
 BASE_SLOT = -1
@@ -46,6 +47,8 @@ class PackedLora:
         The same as int32 tensors on the weights' device, for kernels.
     column_slots : torch.Tensor
         int32 ``[R]``, the slot that owns each packed row (for the assignment-independent compiled torch path).
+    dora : DoraScales or None
+        The per-slot DoRA rescale where this layer holds DoRA adapters (see ``peft_fastlora.dora``).
     """
 
     a: torch.Tensor
@@ -55,6 +58,7 @@ class PackedLora:
     offsets_dev: torch.Tensor
     ranks_dev: torch.Tensor
     column_slots: torch.Tensor
+    dora: DoraScales | None = None
     # Set when the layer belongs to a sibling group (see SiblingGroup): the group, whether this layer leads it,
     # and int32 [num_slots] columns where this layer's part of each slot starts in the group's shrink output.
     group: SiblingGroup | None = None
@@ -160,9 +164,10 @@ def adapter_weights(layer: LoraLayer) -> dict[str, tuple[torch.Tensor, torch.Ten
 
 
 def unsupported_adapters(layer: LoraLayer) -> set[str]:
-    """Names of this layer's adapters that the packed path cannot serve: LoRA variants (DoRA, aLoRA, ...) and
-    adapters with a ``lora_bias``. Rows naming them go through PEFT's own mixed-batch path instead."""
-    names = set(getattr(layer, "lora_variant", {}))
+    """Names of this layer's adapters that the packed path cannot serve: LoRA variants other than Linear DoRA
+    (aLoRA, DoRA on embeddings, ...) and adapters with a ``lora_bias``. Rows naming them go through PEFT's own
+    mixed-batch path instead."""
+    names = set(getattr(layer, "lora_variant", {})) - dora_adapters(layer)
     for name, module in layer.lora_B.items():
         if getattr(module, "bias", None) is not None:
             names.add(name)
@@ -172,13 +177,17 @@ def unsupported_adapters(layer: LoraLayer) -> set[str]:
 def layer_fingerprint(layer: LoraLayer) -> tuple:
     """A cheap value that changes whenever the packing of ``layer`` would change.
 
-    ``Tensor._version`` counts in-place writes, ``data_ptr`` changes when a parameter's storage is swapped.
+    ``Tensor._version`` counts in-place writes, ``data_ptr`` changes when a parameter's storage is swapped. DoRA
+    adapters add their magnitude and the base weight, which their cached norms depend on.
     """
     parts = []
     for name, (a, b) in adapter_weights(layer).items():
         parts.append(
             (name, a.data_ptr(), a._version, b.data_ptr(), b._version, a.dtype, b.dtype, a.device, layer.scaling[name])
         )
+    for name in sorted(dora_adapters(layer)):
+        magnitude, weight = layer.lora_magnitude_vector[name].weight, layer.get_base_layer().weight
+        parts.append((name, magnitude.data_ptr(), magnitude._version, weight.data_ptr(), weight._version))
     return tuple(parts)
 
 
@@ -218,6 +227,7 @@ def pack_layer(layer: LoraLayer, slots: dict[str, int]) -> PackedLora:
         column_slots=torch.tensor(
             [slot for slot, rank in enumerate(ranks) for _ in range(rank)], dtype=torch.int32, device=device
         ),
+        dora=dora_scales(layer, slots, dora_adapters(layer) - skip),
     )
 
 

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from peft.tuners.lora import layer as lora_layer
 
+from .dora import apply_dora
+
 
 class FastLinearMixin:
     """Mixed-batch forward for PEFT's ``lora.Linear`` (nn.Linear, and transformers' Conv1D via fan_in_fan_out)."""
@@ -24,7 +26,10 @@ class FastLinearMixin:
             return super().forward(x, *args, **kwargs)
         view = plan.view(x.shape[0], flattened=x.dim() == 2)
         result = self.base_layer(x, *args, **kwargs)
-        state.backend.add_lora(result, x, self._fastlora_packed, view)
+        packed = self._fastlora_packed
+        state.backend.add_lora(result, x, packed, view)
+        if packed.dora is not None:
+            apply_dora(result, view.row_slots, packed.dora)
         return result
 
 

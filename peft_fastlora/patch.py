@@ -30,6 +30,7 @@ from peft.utils import AuxiliaryTrainingWrapper
 from . import peft_messages
 from .backends import get_backend
 from .bank import AdapterBank, sibling_groups
+from .dora import dora_adapters
 from .layers import FAST_MIXINS, is_fast_layer, patch_layer, unpatch_layer
 from .plan import BatchPlan
 
@@ -184,7 +185,9 @@ def _validate_names(lora_model: LoraModel, bank: AdapterBank, adapter_names: obj
     for layer in bank.lora_layers:
         if layer.merged:
             raise peft_messages.merged_adapters()
-        if any(layer.use_dora.get(name, False) for name in unique):
+        # DoRA is served where the packed path serves it (fast Linear layers); elsewhere PEFT's error stands.
+        served = dora_adapters(layer) if is_fast_layer(layer) else set()
+        if any(layer.use_dora.get(name, False) and name not in served for name in unique):
             raise peft_messages.dora_enabled()
     return list(adapter_names)
 

@@ -1,0 +1,98 @@
+"""DoRA rows in mixed batches: PEFT's DoRA forward as a per-row rescale of the plain LoRA result.
+
+PEFT's DoRA output for one adapter (eval mode, ``variants.DoraLinearVariant``) is::
+
+    y = base + (g - 1) * (base - bias) + g * scaling * B A x,    g = magnitude / ||W + scaling * B A||_row
+
+which is ``y = bias + g * (base + scaling * B A x - bias)``: the plain LoRA result, rescaled per output feature
+around the bias. So DoRA rows go through the same packed shrink/expand as LoRA rows, and a DoRA layer then
+rescales the rows whose adapter is a DoRA adapter. ``g`` is constant at inference, so the bank computes it once
+per adapter and layer (with PEFT's own weight-norm function) and keeps it until the adapter changes.
+
+PEFT itself refuses ``adapter_names`` with DoRA (``Cannot pass `adapter_names` when DoRA is enabled.``); a patched
+model serves DoRA in the Linear layers it packs. DoRA on any other layer (embeddings, other layer types) keeps
+PEFT's error: PEFT's own per-layer mixed path for embeddings would ignore the DoRA part silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from peft.tuners.lora import LoraLayer
+from peft.tuners.lora.variants import DoraLinearVariant
+from peft.utils.integrations import dequantize_module_weight
+
+
+@dataclass
+class DoraScales:
+    """One layer's DoRA rescale, per slot.
+
+    Attributes
+    ----------
+    scales : torch.Tensor
+        fp32 ``[num_slots + 1, out]``: row ``slot + 1`` holds ``g`` of that slot's DoRA adapter; row 0 (base rows)
+        and rows of non-DoRA slots hold ones.
+    is_dora : torch.Tensor
+        bool ``[num_slots + 1]``, indexed the same way: whether the slot's adapter is a DoRA adapter here.
+    bias : torch.Tensor or None
+        fp32 ``[out]``, the base layer's bias, around which the rescale happens.
+    """
+
+    scales: torch.Tensor
+    is_dora: torch.Tensor
+    bias: torch.Tensor | None
+
+
+def dora_adapters(layer: LoraLayer) -> set[str]:
+    """Names of ``layer``'s DoRA adapters that the packed Linear path serves (``DoraLinearVariant`` exactly: the
+    embedding and convolution variants subclass it with other formulas)."""
+    return {name for name, variant in getattr(layer, "lora_variant", {}).items() if type(variant) is DoraLinearVariant}
+
+
+def dora_scales(layer: LoraLayer, slots: dict[str, int], names: set[str]) -> DoraScales | None:
+    """``g = magnitude / ||W + scaling·B·A||`` of each DoRA adapter in ``names``, or None if there is none.
+
+    The norm is PEFT's own (``DoraLinearLayer.get_weight_norm``), computed as PEFT's forward does: base weight and
+    ``B·A`` in the base weight's dtype (the layer input's dtype in a model of one dtype).
+    """
+    if not names:
+        return None
+    base_layer = layer.get_base_layer()
+    weight = dequantize_module_weight(base_layer).detach()
+    out_features = layer.out_features
+    scales = torch.ones(len(slots) + 1, out_features, dtype=torch.float32, device=weight.device)
+    is_dora = torch.zeros(len(slots) + 1, dtype=torch.bool, device=weight.device)
+    with torch.no_grad():
+        for name in names:
+            magnitude = layer.lora_magnitude_vector[name]
+            lora_weight = (layer.lora_B[name].weight @ layer.lora_A[name].weight).to(weight.dtype)
+            norm = magnitude.get_weight_norm(weight=weight, lora_weight=lora_weight, scaling=layer.scaling[name])
+            scales[slots[name] + 1] = (magnitude.weight / norm).float().to(weight.device)
+            is_dora[slots[name] + 1] = True
+    bias = base_layer.bias.detach().float() if getattr(base_layer, "bias", None) is not None else None
+    return DoraScales(scales=scales, is_dora=is_dora, bias=bias)
+
+
+def apply_dora(result: torch.Tensor, row_slots: torch.Tensor, dora: DoraScales) -> None:
+    """Rescale, in place, the rows of ``result`` whose adapter is a DoRA adapter: ``bias + g * (result - bias)``.
+
+    Parameters
+    ----------
+    result : torch.Tensor
+        ``[N, ..., out]``, base output plus the plain LoRA delta.
+    row_slots : torch.Tensor
+        int32 ``[N]``, each row's slot, -1 for base rows.
+    dora : DoraScales
+        The layer's per-slot rescale.
+
+    Every row is computed and non-DoRA rows are selected back unchanged, so that nothing depends on the assignment
+    of adapters to rows (one compiled graph, one CUDA graph for any assignment).
+    """
+    index = row_slots.long() + 1
+    shape = (row_slots.shape[0], *([1] * (result.dim() - 2)), result.shape[-1])
+    values = result.float()
+    scale = dora.scales[index].view(shape)
+    rescaled = values * scale if dora.bias is None else dora.bias + scale * (values - dora.bias)
+    keep = ~dora.is_dora[index].view(*shape[:-1], 1)
+    result.copy_(torch.where(keep, values, rescaled))
