@@ -46,7 +46,8 @@ class PackedLora:
     offsets_dev, ranks_dev : torch.Tensor
         The same as int32 tensors on the weights' device, for kernels.
     column_slots : torch.Tensor
-        int32 ``[R]``, the slot that owns each packed row (for the assignment-independent compiled torch path).
+        int32 ``[R]``, the slot that owns each packed row (for the assignment-independent compiled torch path);
+        derived from ``ranks`` when not given.
     dora : DoraScales or None
         The per-slot DoRA rescale where this layer holds DoRA adapters (see ``peft_fastlora.dora``).
     """
@@ -57,13 +58,18 @@ class PackedLora:
     ranks: list[int]
     offsets_dev: torch.Tensor
     ranks_dev: torch.Tensor
-    column_slots: torch.Tensor
+    column_slots: torch.Tensor | None = None
     dora: DoraScales | None = None
     # Set when the layer belongs to a sibling group (see SiblingGroup): the group, whether this layer leads it,
     # and int32 [num_slots] columns where this layer's part of each slot starts in the group's shrink output.
     group: SiblingGroup | None = None
     leader: bool = False
     h_cols: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.column_slots is None:
+            owners = [slot for slot, rank in enumerate(self.ranks) for _ in range(rank)]
+            self.column_slots = torch.tensor(owners, dtype=torch.int32, device=self.a.device)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -191,6 +197,27 @@ def layer_fingerprint(layer: LoraLayer) -> tuple:
     return tuple(parts)
 
 
+def check_adapter_weights(layer: LoraLayer, layer_name: str) -> None:
+    """Raise a ValueError naming the adapter and the layer if an adapter's weights do not fit the layer (shapes) or
+    sit on another device than its base weight. PEFT itself would fail later with a bare matmul or device error."""
+    base_weight = layer.get_base_layer().weight
+    # A is [r, in] and B is [out, r] for Linear and Embedding alike (in = vocabulary for an embedding).
+    expected = (layer.in_features, layer.out_features)
+    for name, (a, b) in adapter_weights(layer).items():
+        where = f"peft_fastlora: adapter {name!r} of layer {layer_name}"
+        if a.dim() != 2 or b.dim() != 2 or (a.shape[1], b.shape[0]) != expected or a.shape[0] != b.shape[1]:
+            raise ValueError(
+                f"{where} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, which do not fit the layer "
+                f"({expected[0]} in, {expected[1]} out, one rank); reload the adapter."
+            )
+        for tensor in (a, b):
+            if tensor.device != base_weight.device:
+                raise ValueError(
+                    f"{where} is on {tensor.device.type} but the layer's base weight is on {base_weight.device}; "
+                    "move the model and its adapters to one device (e.g. model.to(device))."
+                )
+
+
 def pack_layer(layer: LoraLayer, slots: dict[str, int]) -> PackedLora:
     """Pack ``layer``'s adapters in slot order without padding, scaling folded into B.
 
@@ -224,9 +251,6 @@ def pack_layer(layer: LoraLayer, slots: dict[str, int]) -> PackedLora:
         ranks=ranks,
         offsets_dev=torch.tensor(offsets, dtype=torch.int32, device=device),
         ranks_dev=torch.tensor(ranks, dtype=torch.int32, device=device),
-        column_slots=torch.tensor(
-            [slot for slot, rank in enumerate(ranks) for _ in range(rank)], dtype=torch.int32, device=device
-        ),
         dora=dora_scales(layer, slots, dora_adapters(layer) - skip),
     )
 
@@ -252,6 +276,7 @@ class AdapterBank:
         self.lora_layers = lora_layers
         self.fast_layers = fast_layers
         self.sibling_candidates: list[list[LoraLayer]] = []
+        self.layer_names: dict[int, str] = {}  # id(layer) → module path, for error messages
         self.groups: list[SiblingGroup] = []
         self.slots: dict[str, int] = {}
         self._fingerprints: dict[int, tuple] = {}
@@ -275,6 +300,7 @@ class AdapterBank:
         for layer in self.fast_layers:
             fingerprint = layer_fingerprint(layer)
             if slots_changed or self._fingerprints.get(id(layer)) != fingerprint:
+                check_adapter_weights(layer, self.layer_names.get(id(layer), type(layer).__name__))
                 layer._fastlora_packed = pack_layer(layer, self.slots)
                 layer._fastlora_unsupported = unsupported_adapters(layer)
                 self._fingerprints[id(layer)] = fingerprint

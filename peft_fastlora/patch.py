@@ -11,6 +11,11 @@ each one the list. The patch replaces that context, on the instance only, with `
    ``num_return_sequences``;
 4. fast layers read the plan; only modules the packed path does not serve (other LoRA layer types,
    ``modules_to_save`` wrappers, adapters with LoRA variants) get PEFT's own hook, as before.
+
+A transformers model with adapters loaded by transformers itself (``model.load_adapter(path, adapter_name=...)``,
+the PEFT integration) has no PeftModel and no ``adapter_names`` argument at all: transformers' ``generate`` rejects
+it and ``forward`` ignores it silently. There the patch wraps the instance's ``forward`` and ``generate``: they take
+``adapter_names`` off the call and run the same context around it, with the same semantics and errors.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer, LoraModel
 from peft.utils import AuxiliaryTrainingWrapper
+from transformers import PreTrainedModel
 
 from . import peft_messages
 from .backends import get_backend
@@ -62,14 +68,26 @@ class PatchState:
     lock: threading.RLock = field(default_factory=threading.RLock)
 
 
-def _lora_model(model: object) -> LoraModel:
-    if not isinstance(model, PeftModel):
-        raise TypeError(f"patch_model expects a peft.PeftModel with LoRA adapters, got {type(model).__name__}.")
-    if not isinstance(model.base_model, LoraModel):
-        raise TypeError(
-            f"patch_model supports LoRA adapters only, but this PeftModel holds {type(model.base_model).__name__}."
-        )
-    return model.base_model
+def _lora_root(model: object) -> torch.nn.Module:
+    """The module that holds ``model``'s LoRA layers and the patch state: a PeftModel's LoraModel, or the
+    transformers model itself where transformers loaded the adapters."""
+    if isinstance(model, PeftModel):
+        if not isinstance(model.base_model, LoraModel):
+            raise TypeError(
+                f"patch_model supports LoRA adapters only, but this PeftModel holds {type(model.base_model).__name__}."
+            )
+        return model.base_model
+    if isinstance(model, PreTrainedModel) and getattr(model, "_hf_peft_config_loaded", False):
+        return model
+    raise TypeError(
+        "patch_model expects a peft.PeftModel with LoRA adapters, or a transformers model with adapters loaded by "
+        f"model.load_adapter(...), got {type(model).__name__}."
+    )
+
+
+def _inner_model(root: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under ``root`` (its generation config and encoder)."""
+    return root.model if isinstance(root, LoraModel) else root
 
 
 def _model_device(layers: list[LoraLayer]) -> torch.device:
@@ -103,6 +121,7 @@ def _sync_layers(
         )
     if state is not None:
         fast_ids = {id(layer) for layer in fast}
+        state.bank.layer_names = {id(module): name for name, module in named}
         state.bank.sibling_candidates = sibling_groups([(n, m) for n, m in named if id(m) in fast_ids])
     return lora_layers, fast
 
@@ -117,8 +136,9 @@ def patch_model(model: PeftModel, backend: str = "auto") -> PeftModel:
 
     Parameters
     ----------
-    model : peft.PeftModel
-        A loaded PEFT model with one or more LoRA adapters.
+    model : peft.PeftModel or transformers.PreTrainedModel
+        A loaded PEFT model with one or more LoRA adapters, or a transformers model whose LoRA adapters were
+        loaded with its own ``load_adapter`` (its ``forward`` and ``generate`` then accept ``adapter_names``).
     backend : {"auto", "triton", "flashinfer", "torch"}
         Which kernels add the LoRA deltas. ``"auto"`` picks the fastest one that works on the model's device.
 
@@ -130,13 +150,13 @@ def patch_model(model: PeftModel, backend: str = "auto") -> PeftModel:
     Raises
     ------
     TypeError
-        If ``model`` is not a PeftModel holding LoRA adapters.
+        If ``model`` is neither a PeftModel holding LoRA adapters nor a transformers model with loaded adapters.
     ValueError
         If it has no LoRA layers, or ``backend`` is not a backend name.
     RuntimeError
         If the backend cannot run here.
     """
-    lora_model = _lora_model(model)
+    lora_model = _lora_root(model)
     state = lora_model.__dict__.get("_fastlora_state")
     if state is not None:
         if backend != state.backend_name:
@@ -154,28 +174,37 @@ def patch_model(model: PeftModel, backend: str = "auto") -> PeftModel:
     _, state.bank.fast_layers = _sync_layers(lora_model, state)  # again, now that the state exists: sibling groups
     state.bank.refresh()
     lora_model._fastlora_state = state
-    # An instance attribute shadows LoraModel's method for this model only; PeftModel calls it by name.
-    lora_model._enable_peft_forward_hooks = functools.partial(_mixed_batch_context, lora_model)
+    if isinstance(lora_model, LoraModel):
+        # An instance attribute shadows LoraModel's method for this model only; PeftModel calls it by name.
+        lora_model._enable_peft_forward_hooks = functools.partial(_mixed_batch_context, lora_model)
+    else:
+        for method in _NATIVE_METHODS:
+            setattr(lora_model, method, _native_wrapper(lora_model, method))
     logger.info("peft_fastlora: patched %d LoRA layers, backend %s", len(fast), type(backend_object).__name__)
     return model
 
 
 def unpatch_model(model: PeftModel) -> PeftModel:
     """Undo ``patch_model``: restore PEFT's layer classes and PEFT's own mixed-batch path. Returns ``model``."""
-    lora_model = _lora_model(model)
+    lora_model = _lora_root(model)
     if lora_model.__dict__.pop("_fastlora_state", None) is None:
         return model
-    del lora_model.__dict__["_enable_peft_forward_hooks"]
+    for method in ("_enable_peft_forward_hooks", *_NATIVE_METHODS):
+        lora_model.__dict__.pop(method, None)
     for module in lora_model.modules():
         if is_fast_layer(module):
             unpatch_layer(module)
     return model
 
 
-def _validate_names(lora_model: LoraModel, bank: AdapterBank, adapter_names: object) -> list[str]:
-    """PEFT's checks on ``adapter_names``, in PEFT's order and with PEFT's messages; returns them as a list."""
+def _validate_names(lora_model: LoraModel, bank: AdapterBank, adapter_names: object, kwargs: dict) -> list[str]:
+    """PEFT's checks on ``adapter_names``, in PEFT's order and with PEFT's messages (plus an empty batch, which
+    PEFT lets fail inside the model); returns them as a list."""
     if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(name, str) for name in adapter_names):
         raise peft_messages.not_a_list(adapter_names)
+    inputs = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+    if not adapter_names and (inputs is None or len(inputs) == 0):
+        raise peft_messages.empty_batch()
     if lora_model.training:
         raise peft_messages.training_mode()
     unique = {name for name in adapter_names if name != peft_messages.BASE_ADAPTER_NAME}
@@ -192,10 +221,10 @@ def _validate_names(lora_model: LoraModel, bank: AdapterBank, adapter_names: obj
     return list(adapter_names)
 
 
-def _expand_size(lora_model: LoraModel, kwargs: dict) -> int:
+def _expand_size(lora_model: torch.nn.Module, kwargs: dict) -> int:
     """How many copies of each input row ``generate`` will run: ``max(num_beams, num_return_sequences)``, as
     transformers' ``_expand_inputs_for_generation`` does. PEFT itself only expands for ``num_beams`` kwargs."""
-    config = kwargs.get("generation_config") or getattr(lora_model.model, "generation_config", None)
+    config = kwargs.get("generation_config") or getattr(_inner_model(lora_model), "generation_config", None)
     num_beams = kwargs.get("num_beams") or getattr(config, "num_beams", None) or 1
     num_return_sequences = kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", None) or 1
     return max(int(num_beams), int(num_return_sequences))
@@ -217,20 +246,47 @@ def _peft_path_modules(lora_model: LoraModel, state: PatchState, named: set[str]
             yield module
 
 
+_NATIVE_METHODS = ("forward", "generate")
+"""The methods of a transformers model (adapters loaded by transformers) that the patch wraps on the instance."""
+
+
+def _native_wrapper(model: PreTrainedModel, name: str):
+    """``model.<name>`` for a patched transformers model: ``adapter_names`` is taken off the call and served by the
+    same context as PeftModel's (transformers would reject it, or ignore it). It keeps the wrapped method's
+    signature (``functools.wraps``), which transformers inspects to validate generate's kwargs."""
+    method = getattr(model, name)
+
+    @functools.wraps(method)
+    def call(*args, **kwargs):
+        with _mixed_batch_context(model, *args, **kwargs):
+            kwargs.pop("adapter_names", None)
+            return method(*args, **kwargs)
+
+    return call
+
+
 @contextmanager
-def _mixed_batch_context(lora_model: LoraModel, *args, **kwargs):
-    """The patched ``LoraModel._enable_peft_forward_hooks``: one plan per model call, read by every fast layer."""
+def _mixed_batch_context(lora_model: torch.nn.Module, *args, **kwargs):
+    """The patched ``LoraModel._enable_peft_forward_hooks``: one plan per model call, read by every fast layer.
+
+    Every call on the patched model, with ``adapter_names`` or without, holds the state's lock: the plan is shared
+    by all layers, so a call from another thread running at the same time would read this call's plan. Calls
+    from several threads therefore run one at a time, each with exactly its own rows' adapters."""
     state: PatchState = lora_model._fastlora_state
     adapter_names = kwargs.get("adapter_names")
     if adapter_names is None or kwargs.get("alora_offsets") is not None:
-        with LoraModel._enable_peft_forward_hooks(lora_model, *args, **kwargs):
-            yield
+        with state.lock:
+            if isinstance(lora_model, LoraModel):
+                with LoraModel._enable_peft_forward_hooks(lora_model, *args, **kwargs):
+                    yield
+            else:
+                yield
         return
     with state.lock:
         lora_layers, fast = _sync_layers(lora_model, state)
         bank = state.bank
         bank.lora_layers, bank.fast_layers = lora_layers, fast
-        names = _validate_names(lora_model, bank, adapter_names)
+        names = _validate_names(lora_model, bank, adapter_names, kwargs)
         bank.refresh()
         expand = _expand_size(lora_model, kwargs)
         state.plan_buffers.fill(bank.slot_ids(names), expand)
@@ -241,7 +297,7 @@ def _mixed_batch_context(lora_model: LoraModel, *args, **kwargs):
             )
             for module in _peft_path_modules(lora_model, state, set(names))
         ]
-        encoder = _encoder(lora_model.model)
+        encoder = _encoder(_inner_model(lora_model))
         if expand > 1 and encoder is not None:
             # The encoder runs on the rows before expansion (as in PEFT): hook its modules again with the originals.
             handles += [

@@ -44,3 +44,11 @@ def unknown_adapters(names: set[str]) -> ValueError:
 def not_a_list(adapter_names: object) -> TypeError:
     """PEFT's error for ``adapter_names`` that is not a list of strings."""
     return TypeError(f"Got adapter names of type {type(adapter_names)}, expected a list of str.")
+
+
+def empty_batch() -> ValueError:
+    """Ours (PEFT has none: an empty batch fails deep inside the model with a reshape error)."""
+    return ValueError(
+        "peft_fastlora: the batch is empty (0 rows), so there is nothing to run; pass at least one row and one "
+        "adapter name per row."
+    )

@@ -97,7 +97,7 @@ class BatchPlan:
         self._input_plan: BatchPlan | None = None
 
     def _ensure_capacity(self, rows: int) -> None:
-        if rows <= self.capacity:
+        if rows <= self.capacity and self.capacity:
             return
         # Grow geometrically so that a run of growing batches reallocates (and re-captures graphs) rarely.
         self.capacity = max(rows, 2 * self.capacity, 8)

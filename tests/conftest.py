@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -26,6 +27,39 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+POISON_INT = 2**30 + 7
+"""What integer buffers of the package start as: far out of range as an index, row or slot."""
+
+
+def _poison(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.is_floating_point() or tensor.is_complex():
+        return tensor.fill_(float("nan"))
+    if tensor.dtype == torch.bool:
+        return tensor.fill_(True)
+    return tensor.fill_(POISON_INT if torch.iinfo(tensor.dtype).max > POISON_INT else -1)
+
+
+@pytest.fixture(autouse=True)
+def _poison_uninitialised_memory(monkeypatch):
+    """Every ``torch.empty`` made by peft_fastlora (plan buffers, kernel scratch) starts poisoned: NaN for floats,
+    an out-of-range value for integers. A kernel or a layer that reads memory nobody wrote then fails loudly
+    instead of reading whatever the allocator left there (often zeros, which would hide the bug)."""
+    from peft_fastlora.kernels import launch
+
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        tensor = real_empty(*args, **kwargs)
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        return _poison(tensor) if caller.startswith("peft_fastlora") else tensor
+
+    def poisoned_scratch(*args, **kwargs):
+        return _poison(real_empty(*args, **kwargs))
+
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    monkeypatch.setattr(launch, "scratch_empty", poisoned_scratch)
 
 
 @pytest.fixture(autouse=True)
