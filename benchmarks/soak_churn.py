@@ -38,9 +38,13 @@ def live_tensor_bytes() -> int:
         warnings.simplefilter("ignore")
         tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
     for tensor in tensors:
-        if tensor.device.type != "meta":
+        if tensor.device.type == "meta":
+            continue
+        try:
             storage = tensor.untyped_storage()
             storages[(storage.device, storage.data_ptr())] = storage.nbytes()
+        except RuntimeError:  # fake or functional tensors (left by torch.compile) hold no memory
+            continue
     return sum(storages.values())
 
 

@@ -24,7 +24,7 @@ class FastLinearMixin:
         plan = state.plan
         if plan is None or self.disable_adapters or "adapter_names" in kwargs:
             return super().forward(x, *args, **kwargs)
-        view = plan.view(x.shape[0], flattened=x.dim() == 2)
+        view = plan.view(x.shape[0], flattened=x.dim() == 2, device=x.device)
         result = self.base_layer(x, *args, **kwargs)
         packed = self._fastlora_packed
         state.backend.add_lora(result, x, packed, view)
@@ -41,14 +41,30 @@ class FastEmbeddingMixin:
         plan = state.plan
         if plan is None or self.disable_adapters or "adapter_names" in kwargs:
             return super().forward(x, *args, **kwargs)
-        view = plan.view(x.shape[0], flattened=x.dim() == 1)
+        view = plan.view(x.shape[0], flattened=x.dim() == 1, device=x.device)
         result = self.base_layer(x, *args, **kwargs)
         state.backend.add_embedding_lora(result, x, self._fastlora_packed, view, self._get_embed_scale())
         return result
 
 
-FAST_MIXINS = {lora_layer.Linear: FastLinearMixin, lora_layer.Embedding: FastEmbeddingMixin}
-"""PEFT layer classes served by the packed path, by exact type (subclasses such as quantized layers are not)."""
+def _quantized_linear_classes() -> list[type]:
+    """PEFT's LoRA layers over bitsandbytes' 8-bit and 4-bit Linear, where bitsandbytes is installed. Their forward
+    is the plain one (base output, then the LoRA delta in the adapter dtype, cast to the output dtype), so the
+    packed path serves them as it serves ``lora.Linear``; the base stays bitsandbytes' quantized matmul."""
+    try:
+        from peft.tuners.lora import bnb as lora_bnb
+    except ImportError:
+        return []
+    return [cls for cls in (getattr(lora_bnb, "Linear8bitLt", None), getattr(lora_bnb, "Linear4bit", None)) if cls]
+
+
+FAST_MIXINS = {
+    lora_layer.Linear: FastLinearMixin,
+    lora_layer.Embedding: FastEmbeddingMixin,
+    **dict.fromkeys(_quantized_linear_classes(), FastLinearMixin),
+}
+"""PEFT layer classes served by the packed path, by exact type (other subclasses keep PEFT's path, with a
+warning that names them)."""
 
 _fast_classes: dict[type, type] = {}
 

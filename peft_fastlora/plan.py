@@ -17,6 +17,9 @@ re-capture. Layout of the buffer, each section ``capacity`` long::
 Kernels get the full-capacity sections and read the segment count on the device, so their grids depend only on
 the batch size and the number of adapters, never on which row uses which adapter: a CUDA graph captured for one
 assignment replays correctly for any other of the same batch size.
+
+A model split over several devices (accelerate's ``device_map``) reads the plan on each layer's device: the
+buffer is copied once per call to every other device that asks for it.
 """
 
 from __future__ import annotations
@@ -93,7 +96,10 @@ class BatchPlan:
         self._staging = torch.empty(0, dtype=torch.int32)
         self.slots: list[int] = []
         self.num_input_rows = 0
-        self._views: dict[int, PlanView] = {}
+        self._views: dict[tuple[int, torch.device], PlanView] = {}
+        self._groups: list[tuple[int, int, int]] = []
+        self._num_sorted = 0
+        self._copies: dict[torch.device, torch.Tensor] = {}
         self._input_plan: BatchPlan | None = None
 
     def _ensure_capacity(self, rows: int) -> None:
@@ -105,9 +111,25 @@ class BatchPlan:
         self._buffer = torch.empty(size, dtype=torch.int32, device=self.device)
         self._staging = torch.empty(size, dtype=torch.int32, pin_memory=self.device.type == "cuda")
 
-    def _section(self, index: int, length: int) -> torch.Tensor:
-        start = index * self.capacity
-        return self._buffer[start : start + length]
+    def _buffer_on(self, device: torch.device) -> torch.Tensor:
+        """The plan buffer on ``device``: the preallocated one, or this call's copy of it for another device."""
+        if device == self.device:
+            return self._buffer
+        if device not in self._copies:
+            self._copies[device] = self._buffer.to(device)
+        return self._copies[device]
+
+    def _row_view(self, device: torch.device) -> PlanView:
+        buffer, cap, rows = self._buffer_on(device), self.capacity, len(self.slots)
+        return PlanView(
+            row_slots=buffer[:rows],
+            sorted_rows=buffer[cap : cap + self._num_sorted],
+            groups=self._groups,
+            segments=(
+                *(buffer[index * cap : (index + 1) * cap] for index in range(1, _SECTIONS)),
+                buffer[_SECTIONS * cap :],
+            ),
+        )
 
     def fill(self, slots: list[int], expand: int = 1) -> None:
         """Refill the plan in place for a new call.
@@ -135,24 +157,15 @@ class BatchPlan:
         host[_SECTIONS * cap] = len(groups)
         # A blocking copy, once per call: the staging buffer is reused by the next call, so the copy must be done.
         self._buffer.copy_(host)
-        self._views = {
-            rows: PlanView(
-                row_slots=self._section(0, rows),
-                sorted_rows=self._section(1, len(sorted_rows)),
-                groups=groups,
-                segments=(
-                    *(self._section(index, cap) for index in range(1, _SECTIONS)),
-                    self._buffer[_SECTIONS * cap :],
-                ),
-            )
-        }
+        self._groups, self._num_sorted, self._copies = groups, len(sorted_rows), {}
+        self._views = {(rows, self.device): self._row_view(self.device)}
         self._input_plan = None
         if expand > 1:
             # Encoder layers of encoder-decoder models see the rows before expansion.
             self._input_plan = BatchPlan(self.device)
             self._input_plan.fill(slots)
 
-    def view(self, num_rows: int, flattened: bool) -> PlanView:
+    def view(self, num_rows: int, flattened: bool, device: torch.device | None = None) -> PlanView:
         """The plan for a layer input of leading size ``num_rows``.
 
         Parameters
@@ -162,28 +175,34 @@ class BatchPlan:
         flattened : bool
             True where the input is 2-D, so that its leading dimension may be batch × sequence flattened into
             tokens (OPT's fc1/fc2 do this); each row's slot then applies to its ``num_rows // B`` tokens.
+        device : torch.device, optional
+            Where the layer runs (the plan's own device when omitted); the view's tensors live there.
 
         Raises
         ------
         ValueError
             PEFT's length-mismatch error where ``num_rows`` fits no reading of the batch.
         """
-        view = self._views.get(num_rows)
+        device = self.device if device is None else device
+        view = self._views.get((num_rows, device))
         if view is not None:
             return view
         rows = len(self.slots)
         if self._input_plan is not None and num_rows == self.num_input_rows:
-            return self._input_plan.view(num_rows, flattened)
-        if flattened and rows and num_rows % rows == 0:
-            view = self._token_view(num_rows // rows)
-            self._views[num_rows] = view
-            return view
-        raise length_mismatch(rows, num_rows)
+            return self._input_plan.view(num_rows, flattened, device)
+        if num_rows == rows:
+            view = self._row_view(device)
+        elif flattened and rows and num_rows % rows == 0:
+            view = self._token_view(num_rows // rows, device)
+        else:
+            raise length_mismatch(rows, num_rows)
+        self._views[(num_rows, device)] = view
+        return view
 
-    def _token_view(self, tokens_per_row: int) -> PlanView:
+    def _token_view(self, tokens_per_row: int, device: torch.device) -> PlanView:
         """The plan with every row repeated ``tokens_per_row`` times, consecutively (a flattened [B*S, H] input)."""
-        row_view = self._views[len(self.slots)]
-        offsets = torch.arange(tokens_per_row, dtype=torch.int32, device=self.device)
+        row_view = self.view(len(self.slots), flattened=False, device=device)
+        offsets = torch.arange(tokens_per_row, dtype=torch.int32, device=device)
         groups = [(slot, start * tokens_per_row, length * tokens_per_row) for slot, start, length in row_view.groups]
         rows, seg_slots, seg_starts, seg_lens, count = row_view.segments
         segments = (
