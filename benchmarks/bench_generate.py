@@ -96,17 +96,23 @@ def timed_generate(model, batch, new_tokens: int, **kwargs) -> tuple[float, torc
     return time.perf_counter() - started, output
 
 
-def teacher_forced_check(model, sequences: torch.Tensor, names: list[str], backend: str) -> dict:
-    """Logits over PEFT's own generated sequences, patched against unpatched: relative error and argmax rate."""
+def patched_agreement(model, sequences: torch.Tensor, names: list[str], backend: str, expected: torch.Tensor) -> dict:
+    """The patched mixed-batch logits over ``sequences`` against ``expected``: relative error and argmax rate."""
     with torch.no_grad():
-        unpatch_model(model)
-        expected = model(input_ids=sequences, adapter_names=names).logits.float()
         patch_model(model, backend=backend)
         actual = model(input_ids=sequences, adapter_names=names).logits.float()
     return {
         "max_rel_logit_error": ((actual - expected).abs().max() / expected.abs().max()).item(),
         "argmax_agreement": (actual.argmax(-1) == expected.argmax(-1)).float().mean().item(),
     }
+
+
+def teacher_forced_check(model, sequences: torch.Tensor, names: list[str], backend: str) -> dict:
+    """Logits over PEFT's own generated sequences, patched against unpatched: relative error and argmax rate."""
+    with torch.no_grad():
+        unpatch_model(model)
+        expected = model(input_ids=sequences, adapter_names=names).logits.float()
+    return patched_agreement(model, sequences, names, backend, expected)
 
 
 def per_adapter_check(model, sequences: torch.Tensor, names: list[str], backend: str) -> dict:
@@ -119,12 +125,7 @@ def per_adapter_check(model, sequences: torch.Tensor, names: list[str], backend:
             rows = [row for row, row_name in enumerate(names) if row_name == name]
             model.set_adapter(name)
             expected[rows] = model(input_ids=sequences[rows]).logits.float()
-        patch_model(model, backend=backend)
-        actual = model(input_ids=sequences, adapter_names=names).logits.float()
-    return {
-        "max_rel_logit_error": ((actual - expected).abs().max() / expected.abs().max()).item(),
-        "argmax_agreement": (actual.argmax(-1) == expected.argmax(-1)).float().mean().item(),
-    }
+    return patched_agreement(model, sequences, names, backend, expected)
 
 
 def new_assignment_compilations(model, batch, names, backend, new_tokens, extra) -> int:

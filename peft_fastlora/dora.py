@@ -68,7 +68,7 @@ def dora_scales(layer: LoraLayer, slots: dict[str, int], names: set[str]) -> Dor
             magnitude = layer.lora_magnitude_vector[name]
             lora_weight = (layer.lora_B[name].weight @ layer.lora_A[name].weight).to(weight.dtype)
             norm = magnitude.get_weight_norm(weight=weight, lora_weight=lora_weight, scaling=layer.scaling[name])
-            scales[slots[name] + 1] = (magnitude.weight / norm).float().to(weight.device)
+            scales[slots[name] + 1] = magnitude.weight / norm
             is_dora[slots[name] + 1] = True
     bias = base_layer.bias.detach().float() if getattr(base_layer, "bias", None) is not None else None
     return DoraScales(scales=scales, is_dora=is_dora, bias=bias)
