@@ -60,10 +60,12 @@ class PackedLora:
     ranks_dev: torch.Tensor
     column_slots: torch.Tensor | None = None
     dora: DoraScales | None = None
-    # Set when the layer belongs to a sibling group (see SiblingGroup): the group, whether this layer leads it,
-    # and int32 [num_slots] columns where this layer's part of each slot starts in the group's shrink output.
+    # Set when the layer belongs to a sibling group (see SiblingGroup): the group, whether this layer leads it or
+    # closes it, and int32 [num_slots] columns where this layer's part of each slot starts in the group's shrink
+    # output.
     group: SiblingGroup | None = None
     leader: bool = False
+    last: bool = False
     h_cols: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
@@ -95,7 +97,7 @@ SIBLING_NAMES = (
     frozenset({"w1", "w3"}),
 )
 """Module names that, under one parent, read the same input in the architectures transformers ships. A grouping
-is only a hint: a member whose input is not the leader's computes its own shrink (see SiblingGroup.recall)."""
+is only a hint: a member whose input is not the leader's computes its own shrink (see SiblingGroup.take)."""
 
 
 class SiblingGroup:
@@ -104,7 +106,7 @@ class SiblingGroup:
     The group packs, per slot, the lora_A rows of all members back to back (``a``, ``offsets_dev``,
     ``ranks_dev``), so one shrink over it yields every member's ``h`` side by side. The leader (the first member
     called in a forward) runs that shrink and remembers its input; a member called with the same input object
-    reuses the result and only runs its expand.
+    reuses the result and only runs its expand; the last member releases it.
     """
 
     def __init__(self, members: list[LoraLayer]):
@@ -129,7 +131,7 @@ class SiblingGroup:
         self.ranks_dev = torch.tensor(ranks, dtype=torch.int32, device=device)
         self.max_rank = max(ranks, default=0)
         for index, pack in enumerate(packs):
-            pack.group, pack.leader = self, index == 0
+            pack.group, pack.leader, pack.last = self, index == 0, index == len(packs) - 1
             pack.h_cols = torch.tensor(columns[index], dtype=torch.int32, device=device)
         self._input: torch.Tensor | None = None
         self._h: torch.Tensor | None = None
@@ -138,9 +140,18 @@ class SiblingGroup:
         """Keep the shrink output ``h`` of input ``x`` (holding ``x`` keeps its identity unambiguous)."""
         self._input, self._h = x, h
 
-    def recall(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The group's shrink output if it was computed from this very tensor, else None."""
-        return self._h if self._input is x else None
+    def take(self, x: torch.Tensor, last: bool) -> torch.Tensor | None:
+        """The group's shrink output if it was computed from this very tensor, else None.
+
+        The last member (``last``) to take it drops both, so that neither the input nor ``h`` outlives the group's
+        layers (a call otherwise kept every decoder layer's normed input alive until it ended: 5x base's prefill
+        memory)."""
+        if self._input is not x:
+            return None
+        h = self._h
+        if last:
+            self.forget()
+        return h
 
     def forget(self) -> None:
         self._input = self._h = None
@@ -312,7 +323,7 @@ class AdapterBank:
         """(Re)build the shared-shrink packing of every sibling group whose members pack alike."""
         for layer in self.fast_layers:
             packed = layer._fastlora_packed
-            packed.group, packed.leader, packed.h_cols = None, False, None
+            packed.group, packed.leader, packed.last, packed.h_cols = None, False, False, None
         self.groups = []
         for members in self.sibling_candidates:
             packs = [member._fastlora_packed for member in members]

@@ -22,7 +22,9 @@ class FastLinearMixin:
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         state = self._fastlora_state
         plan = state.plan
-        if plan is None or self.disable_adapters or "adapter_names" in kwargs:
+        # Only PEFT's hooks (state.peft_hooks) hand a layer adapter_names inside a mixed call; reading the flag here
+        # makes dynamo guard on it, so a graph compiled without hooks is not replayed for a call with them.
+        if plan is None or self.disable_adapters or (state.peft_hooks and "adapter_names" in kwargs):
             return super().forward(x, *args, **kwargs)
         view = plan.view(x.shape[0], flattened=x.dim() == 2, device=x.device)
         result = self.base_layer(x, *args, **kwargs)
@@ -39,7 +41,7 @@ class FastEmbeddingMixin:
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         state = self._fastlora_state
         plan = state.plan
-        if plan is None or self.disable_adapters or "adapter_names" in kwargs:
+        if plan is None or self.disable_adapters or (state.peft_hooks and "adapter_names" in kwargs):
             return super().forward(x, *args, **kwargs)
         view = plan.view(x.shape[0], flattened=x.dim() == 1, device=x.device)
         result = self.base_layer(x, *args, **kwargs)

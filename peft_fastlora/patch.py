@@ -64,6 +64,9 @@ class PatchState:
     bank: AdapterBank
     plan_buffers: BatchPlan
     plan: BatchPlan | None = None
+    # True during a mixed call in which some modules get ``adapter_names`` from PEFT's forward hooks. Fast layers
+    # read it, so a compiled graph carries a guard on it (see _mixed_batch_context).
+    peft_hooks: bool = False
     # Serialises mixed-batch calls: the plan is shared by all layers, so two calls in flight at once would mix.
     lock: threading.RLock = field(default_factory=threading.RLock)
 
@@ -306,14 +309,20 @@ def _mixed_batch_context(lora_model: torch.nn.Module, *args, **kwargs):
                 )
                 for module in _peft_path_modules(encoder, state, set(names))
             ]
-        state.plan = state.plan_buffers
+        state.plan, state.peft_hooks = state.plan_buffers, bool(handles)
         try:
-            # PEFT-path modules get their names through forward hooks, and dynamo by default does not guard on
-            # hooks: a graph compiled without them (or with another call's names) would be replayed silently.
-            with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
+            if handles:
+                # PEFT-path modules get their names through forward hooks, and dynamo by default does not guard on
+                # hooks: a graph compiled with another call's hooks would be replayed silently, so guard on them.
+                with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
+                    yield
+            else:
+                # No hooks: hook guards on ~1,500 modules would cost ~2 ms of host time per compiled decode step.
+                # A graph compiled here is still never replayed for a call with hooks: the fast layers read
+                # state.peft_hooks, which dynamo guards on.
                 yield
         finally:
-            state.plan = None
+            state.plan, state.peft_hooks = None, False
             bank.forget_inputs()
             for handle in handles:
                 handle.remove()

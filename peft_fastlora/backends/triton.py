@@ -1,7 +1,8 @@
 """The Triton backend: a segmented shrink and a segmented expand per LoRA layer, whatever the mix of adapters.
 
 Siblings that read the same input (q/k/v, gate/up) share the shrink: the group's leader shrinks against all
-members' stacked lora_A rows at once, and each member then only expands its own columns of the result.
+members' stacked lora_A rows at once, and each member then only expands its own columns of the result; the last
+member releases the shared result, so no activation outlives the group.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class TritonBackend(TorchBackend):
                 group.remember(
                     x, lora_shrink(x_tokens, group.a, group.offsets_dev, group.ranks_dev, *plan, group.max_rank)
                 )
-            h = group.recall(x)
+            h = group.take(x, packed.last)
             h_cols = packed.h_cols if h is not None else None
         if h is None:
             h = lora_shrink(x_tokens, packed.a, packed.offsets_dev, packed.ranks_dev, *plan, packed.max_rank)

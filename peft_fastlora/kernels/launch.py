@@ -32,9 +32,29 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def rank_block(max_rank: int) -> int:
-    """The rank tile: a power of two, at least 16 (the smallest ``tl.dot`` operand)."""
-    return max(16, triton.next_power_of_2(max_rank))
+MAX_RANK_BLOCK = 64
+"""The widest rank tile. Wider ranks are walked tile by tile: a rank-128 adapter stacked with its q/k/v siblings
+(384 rows) once asked for a 512-wide tile and more shared memory than the GPU has."""
+
+
+def rank_tiles(max_rank: int) -> tuple[int, int]:
+    """``(BLOCK_R, R_TILES)`` for a layer whose largest rank is ``max_rank``: a power-of-two tile of at least 16 (the
+    smallest ``tl.dot`` operand) and at most ``MAX_RANK_BLOCK`` lanes, and how many such tiles cover the rank."""
+    block_r = min(max(16, triton.next_power_of_2(max_rank)), MAX_RANK_BLOCK)
+    return block_r, max(1, triton.cdiv(max_rank, block_r))
+
+
+def h_width(max_rank: int) -> int:
+    """The row width of the shrink output ``h``: every rank tile, padded (scratch only, never the weights)."""
+    block_r, r_tiles = rank_tiles(max_rank)
+    return block_r * r_tiles
+
+
+def dot_precision(activation_dtype: torch.dtype, weight_dtype: torch.dtype) -> str:
+    """``tl.dot``'s input precision: IEEE fp32 for an fp32 model, TF32 tensor cores where the activations are fp16 or
+    bf16 anyway (fp32 adapters, PEFT's default, on a bf16 model: 4x faster than IEEE, and TF32's 10-bit mantissa is
+    finer than the bf16 the delta is rounded to). Other dtypes run on tensor cores whatever this says."""
+    return "ieee" if activation_dtype == torch.float32 and weight_dtype == torch.float32 else "tf32"
 
 
 def _tiles(num_tokens: int, num_slots: int, rows: int, k: int, max_rank: int, device: torch.device) -> tuple:
@@ -43,18 +63,19 @@ def _tiles(num_tokens: int, num_slots: int, rows: int, k: int, max_rank: int, de
     ``segments`` bounds the live segment count (one per distinct adapter, at most one per row). Under the
     interpreter a fixed small config keeps CPU tests fast (and still splits K, to cover that path). On a GPU the
     token tile follows the mean segment length (decode: 16, prefill: 64), and K is split until there are about two
-    programs per multiprocessor, since decode has too few tokens to fill the GPU otherwise.
+    programs per multiprocessor, since decode has too few tokens to fill the GPU otherwise; a long prefill fills the
+    GPU without splitting, so its fp32 partials stay one layer-sized activation.
     """
     segments = max(1, min(num_slots, rows))
-    width = rank_block(max_rank)
+    block_r, r_tiles = rank_tiles(max_rank)
     if INTERPRETED or device.type != "cuda":
         block_m, block_k, block_n, splits = 16, 32, 32, 2
     else:
         mean_tokens = num_tokens / segments
         block_m = 16 if mean_tokens <= 16 else 32 if mean_tokens <= 32 else 64
-        block_k = 128 if width <= 32 else 64
-        block_n = 128 if width <= 64 else 64
-        programs = segments * triton.cdiv(max(1, int(mean_tokens)), block_m)
+        block_k = 128 if block_r <= 32 else 64
+        block_n = 128 if block_r <= 32 else 64
+        programs = segments * triton.cdiv(max(1, int(mean_tokens)), block_m) * r_tiles
         # At most 8 splits: every expand program sums all split partials, and beyond 8 that serial sum costs more
         # than the parallel shrink gains (measured: 64 splits at M=1, K=14336 made the pair 3x slower than torch).
         splits = min(triton.cdiv(2 * _multiprocessors(device), programs), 8)
@@ -80,7 +101,8 @@ def launch_shrink(
     Parameters
     ----------
     x : torch.Tensor
-        ``[T, K]``, unit column stride; cast to ``a``'s dtype tile by tile.
+        ``[T, K]``, unit column stride; cast to ``a``'s dtype tile by tile (with TF32 dots where ``x`` is fp16/bf16
+        and ``a`` fp32, see ``dot_precision``).
     a : torch.Tensor
         ``[R, K]`` contiguous packed lora_A rows; adapter s owns rows ``offsets[s] : offsets[s] + ranks[s]``.
     offsets, ranks : torch.Tensor
@@ -95,19 +117,20 @@ def launch_shrink(
     Returns
     -------
     torch.Tensor
-        fp32 ``[splits, T, rank_block(max_rank)]`` partial sums over K; rows of tokens in no segment are unwritten.
+        fp32 ``[splits, T, h_width(max_rank)]`` partial sums over K; rows of tokens in no segment, and rank lanes
+        past an adapter's rank, are unwritten.
     """
     num_tokens, k = x.shape
     segments, block_m, block_k, _, splits, k_steps = _tiles(
         num_tokens, offsets.shape[0], num_tokens // tokens_per_row, k, max_rank, x.device
     )
-    width = rank_block(max_rank)
-    h = scratch_empty(splits, num_tokens, width, dtype=torch.float32, device=x.device)
+    block_r, r_tiles = rank_tiles(max_rank)
+    h = scratch_empty(splits, num_tokens, block_r * r_tiles, dtype=torch.float32, device=x.device)
     if num_tokens:
-        shrink_kernel[(segments, triton.cdiv(num_tokens, block_m), splits)](
+        shrink_kernel[(segments, triton.cdiv(num_tokens, block_m), splits * r_tiles)](
             x, a, h, sorted_rows, seg_slots, seg_starts, seg_lens, num_segments, offsets, ranks, k, num_tokens,
-            tokens_per_row, x.stride(0), BLOCK_M=block_m, BLOCK_R=width, BLOCK_K=block_k, K_STEPS=k_steps,
-            PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+            tokens_per_row, x.stride(0), BLOCK_M=block_m, BLOCK_R=block_r, R_TILES=r_tiles, BLOCK_K=block_k,
+            K_STEPS=k_steps, PRECISION=dot_precision(x.dtype, a.dtype),
         )  # fmt: skip
     return h
 
@@ -148,13 +171,13 @@ def launch_expand(
     segments, block_m, _, block_n, _, _ = _tiles(
         num_tokens, offsets.shape[0], num_tokens // tokens_per_row, b_t.shape[0], max_rank, y.device
     )
+    block_r, r_tiles = rank_tiles(max_rank)
     grid = (segments, triton.cdiv(num_tokens, block_m), triton.cdiv(n, block_n))
     expand_kernel[grid](
         h, offsets if h_cols is None else h_cols, b_t, y, sorted_rows, seg_slots, seg_starts, seg_lens,
         num_segments, offsets, ranks, n, h.shape[1], tokens_per_row, y.stride(0), BLOCK_M=block_m,
-        BLOCK_R=rank_block(max_rank),
-        H_STRIDE=h.shape[2], BLOCK_N=block_n, SPLITS=h.shape[0], SHARED_H=h_cols is not None,
-        PRECISION="ieee" if b_t.dtype == torch.float32 else "tf32",
+        BLOCK_R=block_r, R_TILES=r_tiles, H_STRIDE=h.shape[2], BLOCK_N=block_n, SPLITS=h.shape[0],
+        SHARED_H=h_cols is not None, PRECISION=dot_precision(y.dtype, b_t.dtype),
     )  # fmt: skip
 
 
@@ -169,7 +192,7 @@ def _shrink_fake(x, a, offsets, ranks, sorted_rows, seg_slots, seg_starts, seg_l
                  max_rank):  # fmt: skip
     num_tokens, k = x.shape
     splits = _tiles(num_tokens, offsets.shape[0], num_tokens // tokens_per_row, k, max_rank, x.device)[4]
-    return x.new_empty(splits, num_tokens, rank_block(max_rank), dtype=torch.float32)
+    return x.new_empty(splits, num_tokens, h_width(max_rank), dtype=torch.float32)
 
 
 @expand_op.register_fake

@@ -10,8 +10,14 @@ tile, not once per token. That serves decode (one token per row: BGMV-like, many
 - ``__base__`` rows are in no segment and cost nothing.
 - The shrink splits K across programs (decode has few tokens, so K is where the parallelism is); it writes
   fp32 partial sums ``h[split, token, r]`` that the expand adds up, so no atomics and no zero-fill launch.
-- Tokens are addressed as ``row * tokens_per_row + position``: integer offsets only, so the kernels also run
-  under ``TRITON_INTERPRET=1``.
+- Any rank runs: the rank is tiled ``BLOCK_R`` lanes at a time (shrink: one program per rank tile; expand: a loop
+  over rank tiles), so a rank-128 adapter in a q/k/v stack (384 rows) never asks for a 512-wide tile.
+- Tokens are addressed as ``row * tokens_per_row + position``, in 64-bit once multiplied by a row stride, so
+  ``tokens × features`` may pass 2³¹ (long prefills). Integer offsets only, so the kernels also run under
+  ``TRITON_INTERPRET=1``.
+- ``PRECISION`` is the dot precision: ``"ieee"`` for an fp32 model, ``"tf32"`` where the activations are fp16 or
+  bf16. fp32 adapters (PEFT's default) on a bf16 model then use tensor cores: TF32 keeps 10 mantissa bits of the
+  weights, more than the bf16 the delta is rounded to afterwards.
 """
 
 from __future__ import annotations
@@ -23,14 +29,14 @@ import triton.language as tl
 @triton.jit
 def _segment_tile(
     sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, num_segments_ptr, offsets_ptr, ranks_ptr,
-    tokens_per_row, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+    tokens_per_row, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     """The tile this program owns: segment ``program_id(0)``, token block ``program_id(1)``.
 
     The grid covers the most segments and the longest segment the batch could have; programs past the live ones
-    find nothing to do. Returns ``(active, tokens, token_mask, first_row, r, r_mask)``: whether the tile holds
-    any token of an adapter this layer has, the tile's token indices and mask, the adapter's first packed row,
-    and the rank lanes with their mask (lanes past the adapter's rank are masked, so no padding is read).
+    find nothing to do. Returns ``(active, tokens, token_mask, first_row, rank, slot)``: whether the tile holds any
+    token of an adapter this layer has, the tile's token indices (int64) and mask, the adapter's first packed row
+    (int64), its rank and its slot.
     """
     seg = tl.program_id(0)
     mblock = tl.program_id(1)
@@ -42,10 +48,11 @@ def _segment_tile(
     token_mask = position < seg_tokens
     first_position = tl.load(seg_starts_ptr + seg, mask=live, other=0)
     row = tl.load(sorted_rows_ptr + first_position + position // tokens_per_row, mask=token_mask, other=0)
-    tokens = row * tokens_per_row + position % tokens_per_row
+    # 64-bit from here on: a token index times a row stride passes 2^31 at ~150k tokens of a 14336-wide layer.
+    tokens = row.to(tl.int64) * tokens_per_row + position % tokens_per_row
     active = (mblock * BLOCK_M < seg_tokens) & (rank > 0)
-    r = tl.arange(0, BLOCK_R)
-    return active, tokens, token_mask, tl.load(offsets_ptr + slot), r, r < rank
+    first_row = tl.load(offsets_ptr + slot).to(tl.int64)
+    return active, tokens, token_mask, first_row, rank, slot
 
 
 @triton.jit
@@ -56,7 +63,8 @@ def _shrink_tile(
 ):  # fmt: skip
     """fp32 ``[BLOCK_M, BLOCK_R]`` = ``x[tokens, k-range] @ A[first_row + r, k-range]ᵀ`` over K_STEPS blocks from
     ``k_start``. The step count is a compile-time constant: a loop bound read from a kernel argument breaks the
-    interpreter with NumPy >= 2.4. The mask handles K's tail."""
+    interpreter with NumPy >= 2.4. The mask handles K's tail. ``x`` is cast to A's dtype, as PEFT casts the input
+    to the adapter's dtype."""
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for step in range(K_STEPS):
         kk = k_start + step * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -72,48 +80,31 @@ def _shrink_tile(
 
 
 @triton.jit
-def _expand_tile(
-    h, b_ptr, y_ptr, tokens, token_mask, first_row, r, r_mask, nblock, N, stride_y,
-    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
-    """``y[tokens, n-tile] += h @ B_t[first_row + r, n-tile]`` with ``h`` fp32 ``[BLOCK_M, BLOCK_R]``."""
-    n = nblock * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = n < N
-    b_tile = tl.load(
-        b_ptr + (first_row + r)[:, None] * N + n[None, :], mask=r_mask[:, None] & n_mask[None, :], other=0.0
-    )
-    delta = tl.dot(h.to(b_tile.dtype), b_tile, input_precision=PRECISION)
-    y_offsets = tokens[:, None] * stride_y + n[None, :]
-    y_mask = token_mask[:, None] & n_mask[None, :]
-    y_tile = tl.load(y_ptr + y_offsets, mask=y_mask, other=0.0)
-    # Round the delta to y's dtype before adding, as PEFT's `result += lora_output.to(result.dtype)` does, so that
-    # bf16 results (and greedy tokens) match PEFT's rounding.
-    delta = delta.to(y_tile.dtype).to(tl.float32)
-    tl.store(y_ptr + y_offsets, (y_tile.to(tl.float32) + delta).to(y_tile.dtype), mask=y_mask)
-
-
-@triton.jit
 def shrink_kernel(
     x_ptr, a_ptr, h_ptr,
     sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, num_segments_ptr, offsets_ptr, ranks_ptr,
     K, num_tokens, tokens_per_row, stride_x,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, R_TILES: tl.constexpr, BLOCK_K: tl.constexpr,
+    K_STEPS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """``h[split, t, :rank] = x[t, k-range] @ A_s[:, k-range]ᵀ`` for the tokens of one tile of one segment.
+    """``h[split, t, r] = x[t, k-range] @ A_s[r, k-range]ᵀ`` for the tokens of one tile of one segment and one
+    tile of ``BLOCK_R`` rank lanes (``program_id(2) = split * R_TILES + rank tile``).
 
-    ``h`` is fp32 ``[splits, num_tokens, BLOCK_R]``; only the tokens of segments are written."""
-    split = tl.program_id(2)
-    active, tokens, token_mask, first_row, r, r_mask = _segment_tile(
+    ``h`` is fp32 ``[splits, num_tokens, R_TILES * BLOCK_R]``; only the tokens of segments and the rank tiles that
+    start below the adapter's rank are written (lanes past the rank inside a written tile hold zeros)."""
+    split = tl.program_id(2) // R_TILES
+    r_start = (tl.program_id(2) % R_TILES) * BLOCK_R
+    r = r_start + tl.arange(0, BLOCK_R)
+    active, tokens, token_mask, first_row, rank, _ = _segment_tile(
         sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, num_segments_ptr, offsets_ptr, ranks_ptr,
-        tokens_per_row, BLOCK_M, BLOCK_R,
+        tokens_per_row, BLOCK_M,
     )  # fmt: skip
-    if active:
+    if active & (r_start < rank):
         acc = _shrink_tile(
-            x_ptr, a_ptr, tokens, token_mask, first_row, r, r_mask, split * K_STEPS * BLOCK_K, K, stride_x,
+            x_ptr, a_ptr, tokens, token_mask, first_row, r, r < rank, split * K_STEPS * BLOCK_K, K, stride_x,
             BLOCK_M, BLOCK_R, BLOCK_K, K_STEPS, PRECISION,
         )  # fmt: skip
-        h_offsets = (split * num_tokens + tokens)[:, None] * BLOCK_R + r[None, :]
+        h_offsets = (split * num_tokens + tokens)[:, None] * (R_TILES * BLOCK_R) + r[None, :]
         tl.store(h_ptr + h_offsets, acc, mask=token_mask[:, None])
 
 
@@ -122,26 +113,40 @@ def expand_kernel(
     h_ptr, h_cols_ptr, b_ptr, y_ptr,
     sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, num_segments_ptr, offsets_ptr, ranks_ptr,
     N, num_tokens, tokens_per_row, stride_y,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, H_STRIDE: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLITS: tl.constexpr, SHARED_H: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, R_TILES: tl.constexpr, H_STRIDE: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, SHARED_H: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """``y[t, n-tile] += (Σ_split h[split, t]) @ B_tₛ[:, n-tile]`` for the tokens of one tile of one segment.
 
-    ``h`` rows are ``H_STRIDE`` wide. With ``SHARED_H`` it is a sibling group's shrink output (q/k/v stacked), and
-    this layer's part of slot s starts at column ``h_cols[s]``; otherwise at column 0."""
-    active, tokens, token_mask, first_row, r, r_mask = _segment_tile(
+    The rank is walked ``BLOCK_R`` lanes at a time (``R_TILES`` tiles cover the layer's largest rank). ``h`` rows
+    are ``H_STRIDE`` wide. With ``SHARED_H`` it is a sibling group's shrink output (q/k/v stacked), and this layer's
+    part of slot s starts at column ``h_cols[s]``; otherwise at column 0."""
+    active, tokens, token_mask, first_row, rank, slot = _segment_tile(
         sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, num_segments_ptr, offsets_ptr, ranks_ptr,
-        tokens_per_row, BLOCK_M, BLOCK_R,
+        tokens_per_row, BLOCK_M,
     )  # fmt: skip
     if active:
-        column = r
+        first_column = 0
         if SHARED_H:
-            column += tl.load(h_cols_ptr + tl.load(seg_slots_ptr + tl.program_id(0)))
-        h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for split in range(SPLITS):
-            h_offsets = (split * num_tokens + tokens)[:, None] * H_STRIDE + column[None, :]
-            h += tl.load(h_ptr + h_offsets, mask=token_mask[:, None] & r_mask[None, :], other=0.0)
-        _expand_tile(
-            h, b_ptr, y_ptr, tokens, token_mask, first_row, r, r_mask, tl.program_id(2), N, stride_y,
-            BLOCK_N, PRECISION,
-        )  # fmt: skip
+            first_column = tl.load(h_cols_ptr + slot)
+        n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = n < N
+        delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r_tile in range(R_TILES):
+            r = r_tile * BLOCK_R + tl.arange(0, BLOCK_R)
+            r_mask = r < rank
+            h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for split in range(SPLITS):
+                h_offsets = (split * num_tokens + tokens)[:, None] * H_STRIDE + (first_column + r)[None, :]
+                h += tl.load(h_ptr + h_offsets, mask=token_mask[:, None] & r_mask[None, :], other=0.0)
+            b_tile = tl.load(
+                b_ptr + (first_row + r)[:, None] * N + n[None, :], mask=r_mask[:, None] & n_mask[None, :], other=0.0
+            )
+            delta += tl.dot(h.to(b_tile.dtype), b_tile, input_precision=PRECISION)
+        y_offsets = tokens[:, None] * stride_y + n[None, :]
+        y_mask = token_mask[:, None] & n_mask[None, :]
+        y_tile = tl.load(y_ptr + y_offsets, mask=y_mask, other=0.0)
+        # Round the delta to y's dtype before adding, as PEFT's `result += lora_output.to(result.dtype)` does, so
+        # that bf16 results match PEFT's rounding.
+        delta = delta.to(y_tile.dtype).to(tl.float32)
+        tl.store(y_ptr + y_offsets, (y_tile.to(tl.float32) + delta).to(y_tile.dtype), mask=y_mask)

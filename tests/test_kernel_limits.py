@@ -1,0 +1,114 @@
+"""Limits the kernels must not have: any rank PEFT accepts (sibling stacks too), any token count that fits in
+memory, and no activation kept alive past its layer."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+from helpers import assert_close_relative, interpreted
+from peft import LoraConfig, get_peft_model
+from test_kernels import check, random_packed
+
+from peft_fastlora import patch_model, tiny
+from peft_fastlora.backends.triton import TritonBackend
+from peft_fastlora.kernels.reference import lora_delta_reference
+from peft_fastlora.plan import BatchPlan
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_ranks_up_to_256_interpreted(dtype):
+    check(5, 1, "distinct", dtype, "cpu", k=40, n=24, ranks=[256, 4, 130, 65])
+    check(2, 3, "uniform", dtype, "cpu", k=40, n=24, ranks=[200, 1])
+
+
+def _llama_with_large_ranks() -> torch.nn.Module:
+    """A tiny Llama with q/k/v adapters of ranks 128 and 256 (stacked: 384 and 768 rows per slot) beside rank 4."""
+    base = tiny.build_base_model("llama")
+    model = get_peft_model(
+        base, LoraConfig(r=256, lora_alpha=64, target_modules=["q_proj", "k_proj", "v_proj"], init_lora_weights=False)
+    )
+    qkv = ["q_proj", "k_proj", "v_proj"]
+    model.add_adapter("r128", LoraConfig(r=128, target_modules=qkv, init_lora_weights=False))
+    model.add_adapter("r4", LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    return model.eval()
+
+
+@interpreted
+@torch.no_grad()
+def test_sibling_stack_of_rank_256_matches_peft_interpreted():
+    model = _llama_with_large_ranks()
+    names = ["default", "r128", "__base__", "r4", "default"]
+    batch = tiny.random_prompts(len(names), 4, seed=int(torch.randint(0, 1000, ())))
+    expected = model(**batch, adapter_names=names).logits
+    patch_model(model, backend="triton")
+    assert any(group.max_rank == 768 for group in model.base_model._fastlora_state.bank.groups)
+    assert_close_relative(model(**batch, adapter_names=names).logits, expected)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=interpreted)])
+@torch.no_grad()
+def test_no_activation_outlives_its_layer(backend):
+    """A decoder layer's normed inputs (what q/k/v and gate/up read) are free by the time the next layer starts,
+    as in PEFT: nothing of the patch keeps them alive until the call ends."""
+    model = _llama_with_large_ranks()
+    patch_model(model, backend=backend)
+    layers = model.base_model.model.model.layers
+    normed: list[weakref.ref] = []
+    alive_at_next_layer: list[int] = []
+
+    def keep_weak(module, args, output):
+        normed.append(weakref.ref(output))
+
+    def count_alive(module, args):
+        gc.collect()
+        alive_at_next_layer.append(sum(ref() is not None for ref in normed))
+
+    for norm in (layers[0].input_layernorm, layers[0].post_attention_layernorm):
+        norm.register_forward_hook(keep_weak)
+    layers[1].register_forward_pre_hook(count_alive)
+    batch = tiny.random_prompts(3, 6, seed=1)
+    model(**batch, adapter_names=["default", "r128", "r4"])
+    assert len(normed) == 2
+    assert alive_at_next_layer == [0]
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_more_than_2_to_the_31_elements_gpu():
+    """One layer-sized LoRA (4096 → 14336) over 163,840 tokens in one call (tokens × out passes 2³¹), and an
+    lm_head-sized one (4096 → 128256) over 20,480 tokens, against the fp32 reference on sampled tokens."""
+    for rows, tokens_per_row, n in ((40, 4096, 14336), (5, 4096, 128256)):
+        k, dtype, ranks = 4096, torch.bfloat16, [16, 8, 64, 16]
+        packed = random_packed(ranks, k, n, dtype, "cuda")
+        slots = [row % (len(ranks) + 1) - 1 for row in range(rows)]  # every adapter and __base__ rows
+        plan = BatchPlan("cuda")
+        plan.fill(slots)
+        x = torch.randn(rows, tokens_per_row, k, device="cuda", dtype=dtype)
+        y = torch.randn(rows, tokens_per_row, n, device="cuda", dtype=dtype)
+        sample = torch.randint(0, rows * tokens_per_row, (256,), device="cuda")
+        sample[-1] = rows * tokens_per_row - 1  # the last token: the one whose offsets are largest
+        y_before = y.view(-1, n)[sample].clone()
+        TritonBackend().add_lora(y, x, packed, plan.view(rows, flattened=False))
+        token_slots = [slots[int(token) // tokens_per_row] for token in sample]
+        expected = lora_delta_reference(
+            y_before.float(), x.view(-1, k)[sample].float(), packed.a.float(), packed.b_t.float(), packed.offsets,
+            packed.ranks, token_slots,
+        )  # fmt: skip
+        error = (y.view(-1, n)[sample].float() - expected).abs().max() / expected.abs().max()
+        assert error <= 2e-2, (n, error.item())
+        del x, y
+        torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_large_ranks_at_real_sizes_gpu(dtype):
+    """Ranks up to 256 alone and stacked as q/k/v siblings are (384, 768 rows per slot): a 512-wide rank tile once
+    asked for more shared memory than the GPU has. fp32 adapters too (PEFT's default dtype)."""
+    ranks = [8, 16, 256, 768, 384, 4, 128, 1]
+    check(32, 1, "distinct", dtype, "cuda", k=4096, n=4096, ranks=ranks)
+    check(4, 64, "uniform", dtype, "cuda", k=4096, n=14336, ranks=ranks)
