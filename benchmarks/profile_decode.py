@@ -44,10 +44,14 @@ def _generate(model, batch, new_tokens, rows_kwargs, extra):
     return time.perf_counter() - started
 
 
-def _profile(model, batch, new_tokens, rows_kwargs, extra) -> dict:
-    """GPU kernel time, LoRA kernel time, kernel launches and dynamo lookup time of one generate."""
+def _profile(model, batch, new_tokens, rows_kwargs, extra, table: str | None = None) -> dict:
+    """GPU kernel time, LoRA kernel time, kernel launches and dynamo lookup time of one generate; with ``table``, the
+    profiler's per-op table (sorted by self CPU time) is written there."""
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         _generate(model, batch, new_tokens, rows_kwargs, extra)
+    if table:
+        with open(table, "w") as handle:
+            handle.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
     gpu = lora = lookup = 0.0
     launches = 0
     for event in prof.events():
@@ -73,6 +77,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"])
     parser.add_argument("--memory", action="store_true", help="also measure one prefill's peak memory")
     parser.add_argument("--prefill", type=int, nargs=2, default=[8, 2048], metavar=("ROWS", "TOKENS"))
+    parser.add_argument("--tables", default=None, help="folder for the profiler's per-op tables of each row")
     parser.add_argument("--out", default="profile.json")
     args = parser.parse_args()
     torch._dynamo.config.recompile_limit = 64
@@ -119,7 +124,8 @@ def main() -> None:
             for name, setup in rows.items():
                 context, kwargs = setup()
                 with context or contextlib.nullcontext():
-                    long = _profile(model, batch, args.new_tokens + 1, kwargs, extra)
+                    table = f"{args.tables}/{mode}_{name}.txt" if args.tables else None
+                    long = _profile(model, batch, args.new_tokens + 1, kwargs, extra, table)
                     short = _profile(model, batch, 1, kwargs, extra)
                 steps = args.new_tokens
                 step_s = (statistics.median(timings[name]["long"]) - statistics.median(timings[name]["short"])) / steps
