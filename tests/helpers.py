@@ -144,3 +144,13 @@ def assert_no_worse_than_peft(model, batch: dict, names: list, backend: str, ora
     ours = model(**batch, adapter_names=names).logits
     label = label or f"{backend} {next(model.parameters()).dtype}"
     return assert_no_worse_than_peft_logits(ours, peft, expected, batch.get("attention_mask"), label)
+
+
+def oracle_batch(names: list, device, rows: int = 128, length: int = 256) -> tuple[dict, list]:
+    """A large left-padded batch for the bf16/fp16 bar, ``(batch, names)``, with ``names`` repeated over ``rows``.
+
+    Large because the bar is statistical: PEFT and ours flip different near-ties, so the difference of their
+    disagreement counts grows like √positions while one point of agreement grows like positions; at ~30k positions
+    one point is several standard deviations (at ~100 positions one flipped near-tie is a point)."""
+    batch = {key: value.to(device) for key, value in tiny.random_prompts(rows, length, seed=11).items()}
+    return batch, [names[row % len(names)] for row in range(rows)]
