@@ -14,7 +14,7 @@ import os
 
 import pytest
 import torch
-from helpers import assert_close_relative
+from helpers import assert_close_relative, assert_unpatched, fp32_oracle, interpreted, oracle_error
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model
@@ -25,9 +25,10 @@ TARGETS = [*tiny.TARGET_MODULES["llama"], "embed_tokens", "lm_head"]
 SCALE = float(os.environ.get("FUZZ_EXAMPLES", "1"))
 
 
-def fuzz_settings(examples: int):
+def fuzz_settings(examples: int, derandomize: bool = False):
     return settings(
         max_examples=max(1, int(examples * SCALE)),
+        derandomize=derandomize,
         deadline=None,
         database=None,  # no .hypothesis folder in the checkout; failures print their example
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
@@ -54,6 +55,8 @@ def scenarios(draw, max_batch: int = 6, max_length: int = 9):
         "length": draw(st.integers(1, max_length)),
         "left_padding": draw(st.booleans()),
         "seed": draw(st.integers(0, 2**16)),
+        # PEFT's autocast_adapter_dtype: True (its default) keeps a bf16 model's adapters in fp32 (no-op in fp32).
+        "autocast": draw(st.booleans()),
     }
 
 
@@ -64,9 +67,9 @@ def build(scenario: dict, dtype: torch.dtype, device: str):
         config = LoraConfig(init_lora_weights=False, **spec)
         if model is None:
             base = tiny.build_base_model("llama", seed=scenario["seed"], dtype=dtype)
-            model = get_peft_model(base, config, adapter_name=f"x{index}", autocast_adapter_dtype=False)
+            model = get_peft_model(base, config, adapter_name=f"x{index}", autocast_adapter_dtype=scenario["autocast"])
         else:
-            model.add_adapter(f"x{index}", config)
+            model.add_adapter(f"x{index}", config, autocast_adapter_dtype=scenario["autocast"])
     batch = tiny.random_prompts(
         len(scenario["names"]), scenario["length"], seed=scenario["seed"], left_padding=scenario["left_padding"]
     )
@@ -105,9 +108,70 @@ def test_fuzz_triton_backend(scenario):
     check(scenario, "triton", device=device)
 
 
+def low_precision_errors(scenario: dict, backend: str, dtype: torch.dtype, device: str) -> dict:
+    """One example in bf16/fp16: relative error and argmax agreement (over unpadded positions) of PEFT's mixed batch
+    and of ours (the same model patched) against an fp32 copy of the model and adapters run by PEFT, and the number
+    of positions compared."""
+    model, batch = build(scenario, dtype, device)
+    names, mask = scenario["names"], batch["attention_mask"]
+    oracle = fp32_oracle(model)
+    with torch.no_grad():
+        expected = oracle(**batch, adapter_names=names).logits
+        peft = model(**batch, adapter_names=names).logits
+        assert_unpatched(model)
+        patch_model(model, backend=backend)
+        ours = model(**batch, adapter_names=names).logits
+    return {"ours": oracle_error(ours, expected, mask), "peft": oracle_error(peft, expected, mask), "n": mask.sum()}
+
+
+def fuzz_no_worse_than_peft(
+    backend: str, dtype: torch.dtype, device: str, examples: int, derandomize: bool = False, **sizes
+) -> None:
+    """DESIGN §6's bar for bf16/fp16, over a fuzzing run: against the fp32 oracle, ours' mean relative error is at
+    most 1.1x PEFT's and ours' argmax agreement (over all positions) at least PEFT's - 0.01.
+
+    The bar is pooled over the run's examples because one tiny example (a few positions of a 64-wide model) is
+    too small a sample: correct code with another summation order than PEFT's was measured at 1.35x PEFT's error
+    on one 56-position example (fp16, interpreted Triton on CPU), ~1.0x pooled. Each example must still stay within
+    2x PEFT's error (plus bf16/fp16 resolution for examples both get almost exact), so that one broken example
+    cannot hide in the pool."""
+    runs = []
+    resolution = 1e-2 if dtype == torch.bfloat16 else 1e-3
+
+    @fuzz_settings(examples, derandomize)
+    @given(scenario=scenarios(**sizes))
+    def run(scenario):
+        errors = low_precision_errors(scenario, backend, dtype, device)
+        (ours, _), (peft, _) = errors["ours"], errors["peft"]
+        assert ours <= 2 * peft + resolution, f"one example far worse than PEFT: {errors}"
+        runs.append(errors)
+
+    run()
+    ours_error = sum(run["ours"][0] for run in runs) / len(runs)
+    peft_error = sum(run["peft"][0] for run in runs) / len(runs)
+    positions = sum(float(run["n"]) for run in runs)
+    ours_agreement = sum(run["ours"][1] * float(run["n"]) for run in runs) / positions
+    peft_agreement = sum(run["peft"][1] * float(run["n"]) for run in runs) / positions
+    summary = (
+        f"{len(runs)} examples, {positions:.0f} positions: mean error ours {ours_error:.4g} PEFT {peft_error:.4g}; "
+        f"agreement ours {ours_agreement:.4f} PEFT {peft_agreement:.4f}"
+    )
+    print(summary)
+    assert ours_error <= 1.1 * peft_error + 1e-6, summary
+    assert ours_agreement >= peft_agreement - 0.01, summary
+
+
+@interpreted
+def test_fuzz_fp16_interpreted():
+    """The bf16 GPU fuzzing's comparison, on CPU: fp16 through interpreted Triton (which differs from PEFT's
+    summation order as the GPU kernels do). Derandomized: 8 small examples (~50 positions) are too few for the
+    agreement bar to be stable from run to run (one flipped near-tie is 2 points); this checks the logic."""
+    fuzz_no_worse_than_peft("triton", torch.float16, "cpu", 8, derandomize=True, max_batch=4, max_length=6)
+
+
 @pytest.mark.gpu
-@fuzz_settings(60)
-@given(scenario=scenarios(max_batch=8, max_length=16))
-def test_fuzz_bf16_on_gpu(scenario):
-    """bf16: logits within bf16 tolerance of PEFT's (greedy tokens are compared in fp32 only: near-ties)."""
-    check(scenario, "triton", dtype=torch.bfloat16, device="cuda", rtol=3e-2)
+def test_fuzz_bf16_on_gpu():
+    """bf16 against an fp32 oracle, no worse than PEFT's own bf16 mixed batch (DESIGN §6). The old bar, PEFT's bf16
+    logits at 3e-2, failed at 0.0853 with a rank-1, alpha-32 adapter: two bf16 computations of the same thing
+    differ more than either differs from fp32. Greedy tokens are compared in fp32 only (near-ties)."""
+    fuzz_no_worse_than_peft("triton", torch.bfloat16, "cuda", 60, max_batch=8, max_length=16)
