@@ -84,11 +84,21 @@ MAX_RANK_BLOCK = 64
 (384 rows) once asked for a 512-wide tile and more shared memory than the GPU has."""
 
 
+def _cdiv(a: int, b: int) -> int:
+    # Plain arithmetic: triton.cdiv and triton.next_power_of_2 cost 2-3 µs a call on the host, per launch.
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+@functools.cache
 def rank_tiles(max_rank: int) -> tuple[int, int]:
     """``(BLOCK_R, R_TILES)`` for a layer whose largest rank is ``max_rank``: a power-of-two tile of at least 16 (the
     smallest ``tl.dot`` operand) and at most ``MAX_RANK_BLOCK`` lanes, and how many such tiles cover the rank."""
-    block_r = min(max(16, triton.next_power_of_2(max_rank)), MAX_RANK_BLOCK)
-    return block_r, max(1, triton.cdiv(max_rank, block_r))
+    block_r = min(max(16, _next_power_of_2(max_rank)), MAX_RANK_BLOCK)
+    return block_r, max(1, _cdiv(max_rank, block_r))
 
 
 def h_width(max_rank: int) -> int:
@@ -104,6 +114,7 @@ def dot_precision(activation_dtype: torch.dtype, weight_dtype: torch.dtype) -> s
     return "ieee" if activation_dtype == torch.float32 and weight_dtype == torch.float32 else "tf32"
 
 
+@functools.lru_cache(maxsize=4096)  # the same few shapes every decode step: the host pays this once per shape
 def _tiles(num_tokens: int, num_slots: int, rows: int, k: int, max_rank: int, device: torch.device) -> tuple:
     """``(segments, BLOCK_M, BLOCK_K, BLOCK_N, splits, k_steps)`` for one call, from assignment-free sizes.
 
@@ -122,12 +133,12 @@ def _tiles(num_tokens: int, num_slots: int, rows: int, k: int, max_rank: int, de
         block_m = 16 if mean_tokens <= 16 else 32 if mean_tokens <= 32 else 64
         block_k = 128 if block_r <= 32 else 64
         block_n = 128 if block_r <= 32 else 64
-        programs = segments * triton.cdiv(max(1, int(mean_tokens)), block_m) * r_tiles
+        programs = segments * _cdiv(max(1, int(mean_tokens)), block_m) * r_tiles
         # At most 8 splits: every expand program sums all split partials, and beyond 8 that serial sum costs more
         # than the parallel shrink gains (measured: 64 splits at M=1, K=14336 made the pair 3x slower than torch).
-        splits = min(triton.cdiv(2 * _multiprocessors(device), programs), 8)
-    k_steps = triton.cdiv(triton.cdiv(k, block_k), max(1, min(splits, triton.cdiv(k, block_k))))
-    return segments, block_m, block_k, block_n, triton.cdiv(k, k_steps * block_k), k_steps
+        splits = min(_cdiv(2 * _multiprocessors(device), programs), 8)
+    k_steps = _cdiv(_cdiv(k, block_k), max(1, min(splits, _cdiv(k, block_k))))
+    return segments, block_m, block_k, block_n, _cdiv(k, k_steps * block_k), k_steps
 
 
 def launch_shrink(
@@ -175,7 +186,7 @@ def launch_shrink(
     h = scratch_empty(splits, num_tokens, block_r * r_tiles, dtype=torch.float32, device=x.device)
     if num_tokens:
         _shrink(
-            (segments, triton.cdiv(num_tokens, block_m), splits * r_tiles),
+            (segments, _cdiv(num_tokens, block_m), splits * r_tiles),
             x, a, h, sorted_rows, seg_slots, seg_starts, seg_lens, num_segments, offsets, ranks, k, num_tokens,
             tokens_per_row, x.stride(0), BLOCK_M=block_m, BLOCK_R=block_r, R_TILES=r_tiles, BLOCK_K=block_k,
             K_STEPS=k_steps, PRECISION=dot_precision(x.dtype, a.dtype),
@@ -220,7 +231,7 @@ def launch_expand(
         num_tokens, offsets.shape[0], num_tokens // tokens_per_row, b_t.shape[0], max_rank, y.device
     )
     block_r, r_tiles = rank_tiles(max_rank)
-    grid = (segments, triton.cdiv(num_tokens, block_m), triton.cdiv(n, block_n))
+    grid = (segments, _cdiv(num_tokens, block_m), _cdiv(n, block_n))
     _expand(
         grid, h, offsets if h_cols is None else h_cols, b_t, y, sorted_rows, seg_slots, seg_starts, seg_lens,
         num_segments, offsets, ranks, n, h.shape[1], tokens_per_row, y.stride(0), BLOCK_M=block_m,
