@@ -259,11 +259,19 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float,
     return error, (actual.float().argmax(-1) == expected.argmax(-1)).float().mean().item()
 
 
+@pytest.mark.parametrize(
+    "device,backend",
+    [
+        ("cpu", "torch"),
+        pytest.param("cuda", "torch", marks=pytest.mark.gpu),
+        pytest.param("cuda", "triton", marks=pytest.mark.gpu),
+    ],
+)
 @torch.no_grad()
-def test_dora_bf16_model_fp32_adapters_as_accurate_as_peft(tmp_path):
+def test_dora_bf16_model_fp32_adapters_as_accurate_as_peft(device, backend, tmp_path):
     """PEFT's default loads fp32 adapters onto a bf16 model. Against an fp32 copy of model and adapters (unpatched
-    PEFT, per adapter, since PEFT refuses DoRA in a mixed batch), a patched bf16 mixed batch is no worse than PEFT's
-    own bf16 forward: error ≤ 1.1×, argmax agreement ≥ PEFT's − 1 point. bf16 matmuls run on CPU here."""
+    PEFT, per row, since PEFT refuses DoRA in a mixed batch), a patched bf16 mixed batch is no worse than PEFT's own
+    bf16 forward: error ≤ 1.1×, argmax agreement ≥ PEFT's − 1 point. bf16 matmuls run on the CPU too."""
     config = LlamaConfig(
         hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=tiny.VOCAB_SIZE, pad_token_id=0, max_position_embeddings=128, initializer_range=0.1,
@@ -273,7 +281,7 @@ def test_dora_bf16_model_fp32_adapters_as_accurate_as_peft(tmp_path):
     tiny.save_adapter(base, tmp_path / "a", seed=1, r=8, lora_alpha=16)
     tiny.save_adapter(base, tmp_path / "d", seed=2, r=16, lora_alpha=32, use_dora=True)
     tiny.save_adapter(base, tmp_path / "e", seed=3, r=8, use_dora=True, use_rslora=True)
-    fp32 = tiny.load_peft_model(base, {name: tmp_path / name for name in "ade"})
+    fp32 = tiny.load_peft_model(base, {name: tmp_path / name for name in "ade"}).to(device)
     for name, parameter in fp32.named_parameters():
         if "lora_magnitude_vector" in name:
             parameter.mul_(1 + 0.3 * torch.rand_like(parameter))  # g != 1, so the DoRA part matters
@@ -282,10 +290,10 @@ def test_dora_bf16_model_fp32_adapters_as_accurate_as_peft(tmp_path):
         if "lora_" not in name:
             parameter.data = parameter.data.to(torch.bfloat16)  # the base in bf16, the adapters stay fp32
     names = ["d", "a", "__base__", "e", "d", "a", "e", "d"]
-    batch = tiny.random_prompts(len(names), 16, seed=4)
+    batch = {key: value.to(device) for key, value in tiny.random_prompts(len(names), 16, seed=4).items()}
     expected = logits_per_row(fp32, batch, names).float()
     peft_error, peft_agreement = relative_error(logits_per_row(bf16, batch, names), expected)
-    patch_model(bf16, backend="torch")
+    patch_model(bf16, backend=backend)
     our_error, our_agreement = relative_error(bf16(**batch, adapter_names=names).logits, expected)
     assert our_error <= 1.1 * peft_error, (our_error, peft_error)
     assert our_agreement >= peft_agreement - 0.01, (our_agreement, peft_agreement)
