@@ -19,6 +19,7 @@ That catches ``load_adapter``, ``add_adapter``, ``delete_adapter``, ``param.data
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -180,14 +181,29 @@ def adapter_weights(layer: LoraLayer) -> dict[str, tuple[torch.Tensor, torch.Ten
     return weights
 
 
-def unsupported_adapters(layer: LoraLayer) -> set[str]:
-    """Names of this layer's adapters that the packed path cannot serve: LoRA variants other than Linear DoRA
-    (aLoRA, DoRA on embeddings, ...) and adapters with a ``lora_bias``. Rows naming them go through PEFT's own
-    mixed-batch path instead."""
-    names = set(getattr(layer, "lora_variant", {})) - dora_adapters(layer)
+def unsupported_adapters(layer: LoraLayer) -> dict[str, str]:
+    """This layer's adapters that the packed path cannot serve, each with the reason (for the warning).
+
+    Served are plain LoRA and Linear DoRA. Every other LoRA variant PEFT attaches to the layer (``lora_variant``:
+    BD-LoRA, aLoRA, Arrow, VeLoRA, MonteCLoRA, MiCA, KaSA, and whatever PEFT adds next) changes the weights' shapes
+    or the forward, so packing it as ``scaling · B A`` would be wrong; adapters with a ``lora_bias`` add a term the
+    packed path lacks. Rows naming them go through PEFT's own mixed-batch path in this layer instead (DoRA on an
+    embedding keeps PEFT's error, see ``patch._validate_names``).
+
+    Returns
+    -------
+    dict[str, str]
+        Adapter name → the variant's class name, or ``"lora_bias"``.
+    """
+    served_dora = dora_adapters(layer)
+    names = {
+        name: type(variant).__name__
+        for name, variant in getattr(layer, "lora_variant", {}).items()
+        if name not in served_dora
+    }
     for name, module in layer.lora_B.items():
         if getattr(module, "bias", None) is not None:
-            names.add(name)
+            names.setdefault(name, "lora_bias")
     return names
 
 
@@ -210,11 +226,18 @@ def layer_fingerprint(layer: LoraLayer) -> tuple:
 
 def check_adapter_weights(layer: LoraLayer, layer_name: str) -> None:
     """Raise a ValueError naming the adapter and the layer if an adapter's weights do not fit the layer (shapes) or
-    sit on another device than its base weight. PEFT itself would fail later with a bare matmul or device error."""
+    sit on another device than its base weight. PEFT itself would fail later with a bare matmul or device error.
+
+    Only the adapters the packed path serves are checked: a variant left to PEFT (``unsupported_adapters``) may
+    store its factors in other shapes (BD-LoRA keeps only the diagonal blocks), and PEFT's own forward reads them.
+    """
     base_weight = layer.get_base_layer().weight
     # A is [r, in] and B is [out, r] for Linear and Embedding alike (in = vocabulary for an embedding).
     expected = (layer.in_features, layer.out_features)
+    skip = unsupported_adapters(layer)
     for name, (a, b) in adapter_weights(layer).items():
+        if name in skip:
+            continue
         where = f"peft_fastlora: adapter {name!r} of layer {layer_name}"
         if a.dim() != 2 or b.dim() != 2 or (a.shape[1], b.shape[0]) != expected or a.shape[0] != b.shape[1]:
             raise ValueError(
@@ -234,10 +257,11 @@ def pack_layer(layer: LoraLayer, slots: dict[str, int]) -> PackedLora:
 
     The packed dtype is the promotion of the adapters' own dtypes, which is what PEFT computes the LoRA path in.
     """
-    weights = adapter_weights(layer)
     skip = unsupported_adapters(layer)
+    # Adapters left to PEFT take no part, not even in the packed dtype and device.
+    weights = {name: pair for name, pair in adapter_weights(layer).items() if name not in skip}
     base_weight = layer.get_base_layer().weight
-    order = sorted((slots[name], name) for name in weights if name not in skip)
+    order = sorted((slots[name], name) for name in weights)
     num_slots = len(slots)
     offsets, ranks = [0] * num_slots, [0] * num_slots
     a_parts, b_parts = [], []
@@ -262,7 +286,7 @@ def pack_layer(layer: LoraLayer, slots: dict[str, int]) -> PackedLora:
         ranks=ranks,
         offsets_dev=torch.tensor(offsets, dtype=torch.int32, device=device),
         ranks_dev=torch.tensor(ranks, dtype=torch.int32, device=device),
-        dora=dora_scales(layer, slots, dora_adapters(layer) - skip),
+        dora=dora_scales(layer, slots, dora_adapters(layer) - skip.keys()),
     )
 
 
@@ -291,6 +315,7 @@ class AdapterBank:
         self.groups: list[SiblingGroup] = []
         self.slots: dict[str, int] = {}
         self._fingerprints: dict[int, tuple] = {}
+        self._warned: set[tuple[str, str]] = set()
         self.refresh()
 
     def adapter_names(self) -> set[str]:
@@ -308,16 +333,36 @@ class AdapterBank:
         if slots_changed:
             self.slots = {name: slot for slot, name in enumerate(names)}
         repacked = False
+        left_to_peft: set[tuple[str, str]] = set()
         for layer in self.fast_layers:
             fingerprint = layer_fingerprint(layer)
-            if slots_changed or self._fingerprints.get(id(layer)) != fingerprint:
+            # A layer without its packing was unpatched meanwhile (unpatch_model of a model sharing this bank).
+            stale = "_fastlora_packed" not in layer.__dict__ or self._fingerprints.get(id(layer)) != fingerprint
+            if slots_changed or stale:
                 check_adapter_weights(layer, self.layer_names.get(id(layer), type(layer).__name__))
                 layer._fastlora_packed = pack_layer(layer, self.slots)
-                layer._fastlora_unsupported = unsupported_adapters(layer)
+                unsupported = unsupported_adapters(layer)
+                layer._fastlora_unsupported = set(unsupported)
+                left_to_peft |= set(unsupported.items())
                 self._fingerprints[id(layer)] = fingerprint
                 repacked = True
         if repacked or [group.members for group in self.groups] != self.sibling_candidates:
             self._build_groups()
+        self._warn_left_to_peft(left_to_peft)
+
+    def _warn_left_to_peft(self, found: set[tuple[str, str]]) -> None:
+        """Name, once per adapter and reason, the adapters whose rows go through PEFT's slower path (the user chose
+        the patch for speed, so the slow path must not be silent)."""
+        new = sorted(found - self._warned)
+        if not new:
+            return
+        self._warned |= set(new)
+        warnings.warn(
+            "peft_fastlora serves these adapters through PEFT's own (slower) mixed-batch path in the layers that "
+            "hold them (LoRA variants other than DoRA, and lora_bias): "
+            + ", ".join(f"{name!r} ({reason})" for name, reason in new),
+            stacklevel=4,
+        )
 
     def _build_groups(self) -> None:
         """(Re)build the shared-shrink packing of every sibling group whose members pack alike."""

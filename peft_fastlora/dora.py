@@ -16,6 +16,7 @@ PEFT's error: PEFT's own per-layer mixed path for embeddings would ignore the Do
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -31,12 +32,12 @@ class DoraScales:
     Attributes
     ----------
     scales : torch.Tensor
-        fp32 ``[num_slots + 1, out]``: row ``slot + 1`` holds ``g`` of that slot's DoRA adapter; row 0 (base rows)
-        and rows of non-DoRA slots hold ones.
+        ``[num_slots + 1, out]``, in the adapters' dtype and at least fp32: row ``slot + 1`` holds ``g`` of that
+        slot's DoRA adapter; row 0 (base rows) and rows of non-DoRA slots hold ones.
     is_dora : torch.Tensor
         bool ``[num_slots + 1]``, indexed the same way: whether the slot's adapter is a DoRA adapter here.
     bias : torch.Tensor or None
-        fp32 ``[out]``, the base layer's bias, around which the rescale happens.
+        ``[out]`` in the scales' dtype, the base layer's bias, around which the rescale happens.
     """
 
     scales: torch.Tensor
@@ -53,34 +54,44 @@ def dora_adapters(layer: LoraLayer) -> set[str]:
 def dora_scales(layer: LoraLayer, slots: dict[str, int], names: set[str]) -> DoraScales | None:
     """``g = magnitude / ||W + scaling·B·A||`` of each DoRA adapter in ``names``, or None if there is none.
 
-    The norm is PEFT's own (``DoraLinearLayer.get_weight_norm``), computed as PEFT's forward does: base weight and
-    ``B·A`` in the base weight's dtype (the layer input's dtype in a model of one dtype).
+    The norm is PEFT's own (``DoraLinearLayer.get_weight_norm``), computed as PEFT's forward does: PEFT casts the
+    layer input to the adapter's dtype before the DoRA forward, so base weight and ``B·A`` enter the norm in the
+    adapter's dtype (fp32 for the fp32 adapters PEFT loads by default onto a bf16 model; computing it in bf16 costs
+    accuracy). The scales are kept in that dtype, at least fp32.
     """
     if not names:
         return None
     base_layer = layer.get_base_layer()
     weight = dequantize_module_weight(base_layer).detach()
     out_features = layer.out_features
-    scales = torch.ones(len(slots) + 1, out_features, dtype=torch.float32, device=weight.device)
+    dtype = functools.reduce(torch.promote_types, (layer.lora_A[name].weight.dtype for name in names), torch.float32)
+    scales = torch.ones(len(slots) + 1, out_features, dtype=dtype, device=weight.device)
     is_dora = torch.zeros(len(slots) + 1, dtype=torch.bool, device=weight.device)
     with torch.no_grad():
         for name in names:
             magnitude = layer.lora_magnitude_vector[name]
-            lora_weight = (layer.lora_B[name].weight @ layer.lora_A[name].weight).to(weight.dtype)
-            norm = magnitude.get_weight_norm(weight=weight, lora_weight=lora_weight, scaling=layer.scaling[name])
+            adapter_dtype = layer.lora_A[name].weight.dtype
+            lora_weight = (layer.lora_B[name].weight @ layer.lora_A[name].weight).to(adapter_dtype)
+            norm = magnitude.get_weight_norm(
+                weight=weight.to(adapter_dtype), lora_weight=lora_weight, scaling=layer.scaling[name]
+            )
             scales[slots[name] + 1] = magnitude.weight / norm
             is_dora[slots[name] + 1] = True
-    bias = base_layer.bias.detach().float() if getattr(base_layer, "bias", None) is not None else None
+    bias = base_layer.bias.detach().to(dtype) if getattr(base_layer, "bias", None) is not None else None
     return DoraScales(scales=scales, is_dora=is_dora, bias=bias)
 
 
-def apply_dora(result: torch.Tensor, row_slots: torch.Tensor, dora: DoraScales) -> None:
-    """Rescale, in place, the rows of ``result`` whose adapter is a DoRA adapter: ``bias + g * (result - bias)``.
+def apply_dora(result: torch.Tensor, exact: torch.Tensor, row_slots: torch.Tensor, dora: DoraScales) -> None:
+    """Write ``exact`` into ``result``, DoRA rows rescaled: ``bias + g * (exact - bias)``.
 
     Parameters
     ----------
     result : torch.Tensor
-        ``[N, ..., out]``, base output plus the plain LoRA delta.
+        ``[N, ..., out]``, the layer's output tensor (the base output); overwritten in place.
+    exact : torch.Tensor
+        ``[N, ..., out]``, base output plus the plain LoRA delta, accumulated in at least fp32 (``dora_dtype``).
+        PEFT adds the base output and the DoRA term in the adapter's dtype and rounds to the output dtype once;
+        rounding base + delta first and the rescaled value again loses accuracy in bf16.
     row_slots : torch.Tensor
         int32 ``[N]``, each row's slot, -1 for base rows.
     dora : DoraScales
@@ -90,9 +101,14 @@ def apply_dora(result: torch.Tensor, row_slots: torch.Tensor, dora: DoraScales) 
     of adapters to rows (one compiled graph, one CUDA graph for any assignment).
     """
     index = row_slots.long() + 1
-    shape = (row_slots.shape[0], *([1] * (result.dim() - 2)), result.shape[-1])
-    values = result.float()
+    shape = (row_slots.shape[0], *([1] * (exact.dim() - 2)), exact.shape[-1])
     scale = dora.scales[index].view(shape)
-    rescaled = values * scale if dora.bias is None else dora.bias + scale * (values - dora.bias)
+    rescaled = exact * scale if dora.bias is None else dora.bias + scale * (exact - dora.bias)
     keep = ~dora.is_dora[index].view(*shape[:-1], 1)
-    result.copy_(torch.where(keep, values, rescaled))
+    result.copy_(torch.where(keep, exact, rescaled))
+
+
+def dora_dtype(result: torch.Tensor, dora: DoraScales) -> torch.dtype:
+    """The dtype DoRA layers accumulate base output + LoRA delta in before the rescale: the result's and the
+    scales' promotion (fp32 for a bf16 or fp16 model)."""
+    return torch.promote_types(result.dtype, dora.scales.dtype)

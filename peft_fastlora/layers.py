@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from peft.tuners.lora import layer as lora_layer
 
-from .dora import apply_dora
+from .dora import apply_dora, dora_dtype
 
 
 class FastLinearMixin:
@@ -26,12 +26,17 @@ class FastLinearMixin:
         # makes dynamo guard on it, so a graph compiled without hooks is not replayed for a call with them.
         if plan is None or self.disable_adapters or (state.peft_hooks and "adapter_names" in kwargs):
             return super().forward(x, *args, **kwargs)
-        view = plan.view(x.shape[0], flattened=x.dim() == 2, device=x.device)
+        tokens = x.shape[1:-1].numel() if x.dim() > 2 else None  # [B, S, H]: S tokens per row (see BatchPlan.view)
+        view = plan.view(x.shape[0], flattened=x.dim() == 2, device=x.device, tokens_per_row=tokens)
         result = self.base_layer(x, *args, **kwargs)
         packed = self._fastlora_packed
-        state.backend.add_lora(result, x, packed, view)
-        if packed.dora is not None:
-            apply_dora(result, view.row_slots, packed.dora)
+        if packed.dora is None:
+            state.backend.add_lora(result, x, packed, view)
+            return result
+        # DoRA rows are rounded to the output dtype once, as PEFT does: delta and rescale in at least fp32.
+        exact = result.to(dora_dtype(result, packed.dora))
+        state.backend.add_lora(exact, x, packed, view)
+        apply_dora(result, exact, view.row_slots, packed.dora)
         return result
 
 
@@ -43,7 +48,8 @@ class FastEmbeddingMixin:
         plan = state.plan
         if plan is None or self.disable_adapters or (state.peft_hooks and "adapter_names" in kwargs):
             return super().forward(x, *args, **kwargs)
-        view = plan.view(x.shape[0], flattened=x.dim() == 1, device=x.device)
+        tokens = x.shape[1:].numel() if x.dim() > 1 else None  # ids [B, S]: S tokens per row (see BatchPlan.view)
+        view = plan.view(x.shape[0], flattened=x.dim() == 1, device=x.device, tokens_per_row=tokens)
         result = self.base_layer(x, *args, **kwargs)
         state.backend.add_embedding_lora(result, x, self._fastlora_packed, view, self._get_embed_scale())
         return result

@@ -162,18 +162,30 @@ def patch_model(model: PeftModel, backend: str = "auto") -> PeftModel:
     lora_model = _lora_root(model)
     state = lora_model.__dict__.get("_fastlora_state")
     if state is not None:
-        if backend != state.backend_name:
-            state.backend = get_backend(backend, state.plan_buffers.device)
-            state.backend_name = backend
+        _switch_backend(state, backend)
         return model
     lora_layers, fast = _sync_layers(lora_model, None, warn=True)
     if not lora_layers:
         raise ValueError("patch_model found no LoRA layers in this model.")
-    device = _model_device(fast or lora_layers)
-    backend_object = get_backend(backend, device)
-    state = PatchState(backend, backend_object, AdapterBank(lora_layers, []), BatchPlan(device))
+    # A PeftModel that re-wraps the base of a patched one (``PeftModel.from_pretrained(m1.get_base_model(), ...)``)
+    # holds m1's very LoRA layers: PEFT adds the new adapter to them and both models keep serving every adapter.
+    # The layers can read one plan only, so the new model shares m1's state (bank, plan, lock, backend).
+    states = {id(layer._fastlora_state): layer._fastlora_state for layer in fast if is_fast_layer(layer)}
+    states = list(states.values())
+    if len(states) > 1:
+        raise ValueError(
+            "patch_model: this model's LoRA layers belong to several patched models; unpatch_model them first."
+        )
+    if states:
+        state = states[0]
+        state.bank.lora_layers = lora_layers
+        _switch_backend(state, backend)
+    else:
+        device = _model_device(fast or lora_layers)
+        state = PatchState(backend, get_backend(backend, device), AdapterBank(lora_layers, []), BatchPlan(device))
     for layer in fast:
-        patch_layer(layer, state)
+        if not is_fast_layer(layer):
+            patch_layer(layer, state)
     _, state.bank.fast_layers = _sync_layers(lora_model, state)  # again, now that the state exists: sibling groups
     state.bank.refresh()
     lora_model._fastlora_state = state
@@ -183,8 +195,15 @@ def patch_model(model: PeftModel, backend: str = "auto") -> PeftModel:
     else:
         for method in _NATIVE_METHODS:
             setattr(lora_model, method, _native_wrapper(lora_model, method))
-    logger.info("peft_fastlora: patched %d LoRA layers, backend %s", len(fast), type(backend_object).__name__)
+    logger.info("peft_fastlora: patched %d LoRA layers, backend %s", len(fast), type(state.backend).__name__)
     return model
+
+
+def _switch_backend(state: PatchState, backend: str) -> None:
+    """Patching again with another backend name switches the backend of every model sharing ``state``."""
+    if backend != state.backend_name:
+        state.backend = get_backend(backend, state.plan_buffers.device)
+        state.backend_name = backend
 
 
 def unpatch_model(model: PeftModel) -> PeftModel:

@@ -101,6 +101,8 @@ class BatchPlan:
         self._num_sorted = 0
         self._copies: dict[torch.device, torch.Tensor] = {}
         self._input_plan: BatchPlan | None = None
+        # Tokens per row of the latest input with a sequence dimension in this call (see ``view``); None: unknown.
+        self.tokens_per_row: int | None = None
 
     def _ensure_capacity(self, rows: int) -> None:
         if rows <= self.capacity and self.capacity:
@@ -160,47 +162,78 @@ class BatchPlan:
         self._groups, self._num_sorted, self._copies = groups, len(sorted_rows), {}
         self._views = {(rows, self.device): self._row_view(self.device)}
         self._input_plan = None
+        self.tokens_per_row = None
         if expand > 1:
             # Encoder layers of encoder-decoder models see the rows before expansion.
             self._input_plan = BatchPlan(self.device)
             self._input_plan.fill(slots)
 
-    def view(self, num_rows: int, flattened: bool, device: torch.device | None = None) -> PlanView:
+    def view(
+        self, num_rows: int, flattened: bool, device: torch.device | None = None, tokens_per_row: int | None = None
+    ) -> PlanView:
         """The plan for a layer input of leading size ``num_rows``.
+
+        A leading size equal to the batch size is read as one entry per row, as PEFT does. A flattened input whose
+        leading size is not the batch size is read per token only where that reading is known to be right: its
+        leading size is exactly B × S, where S is the number of tokens per row of the latest input of this call
+        that had one entry per row and a sequence dimension (``tokens_per_row``; the embedding or the attention
+        projections of the same forward step). That is the flattened hidden state of OPT's fc1/fc2 or Qwen2-MoE's
+        shared expert. Anything else (the tokens a router sent to one expert, the patches of a vision tower) gets
+        PEFT's length error: reading it as "B rows × S tokens" would give rows the wrong adapter silently.
 
         Parameters
         ----------
         num_rows : int
             ``x.shape[0]`` of the layer input.
         flattened : bool
-            True where the input is 2-D, so that its leading dimension may be batch × sequence flattened into
-            tokens (OPT's fc1/fc2 do this); each row's slot then applies to its ``num_rows // B`` tokens.
+            True where the input has no sequence dimension (a 2-D Linear input, 1-D embedding ids), so that its
+            leading dimension may be batch × sequence flattened into tokens.
         device : torch.device, optional
             Where the layer runs (the plan's own device when omitted); the view's tensors live there.
+        tokens_per_row : int, optional
+            For an input with a sequence dimension: the number of tokens of each leading entry (``S`` of a
+            ``[B, S, H]`` input). Remembered for leading size ``num_rows``, it tells later flattened inputs of the
+            step what B × S is.
 
         Raises
         ------
         ValueError
-            PEFT's length-mismatch error where ``num_rows`` fits no reading of the batch.
+            PEFT's length-mismatch error where ``num_rows`` fits no reading of the batch known to be right.
         """
         device = self.device if device is None else device
+        if num_rows == len(self.slots):
+            if tokens_per_row is not None:
+                self.tokens_per_row = tokens_per_row
+            view = self._views.get((num_rows, device))
+            if view is None:
+                view = self._views[(num_rows, device)] = self._row_view(device)
+            return view
+        if self._input_plan is not None and num_rows == self.num_input_rows:
+            # Encoder layers of encoder-decoder models see the rows before expansion.
+            return self._input_plan.view(num_rows, flattened, device, tokens_per_row)
+        if flattened:
+            # The plans whose B × S this leading size is; with beams, the expanded rows and the encoder's rows.
+            # Both matching (a coincidence of sizes) leaves the reading ambiguous, so it is refused too.
+            owners = [
+                plan
+                for plan in (self, self._input_plan)
+                if plan is not None
+                and plan.tokens_per_row is not None
+                and plan.slots
+                and num_rows == len(plan.slots) * plan.tokens_per_row
+            ]
+            if len(owners) == 1:
+                return owners[0]._token_view(num_rows, device)
+        raise length_mismatch(len(self.slots), num_rows)
+
+    def _token_view(self, num_rows: int, device: torch.device) -> PlanView:
+        """The plan with every row repeated ``num_rows // B`` times, consecutively (a flattened [B*S, H] input).
+
+        Cached by leading size: for a given B, the leading size alone determines S."""
         view = self._views.get((num_rows, device))
         if view is not None:
             return view
-        rows = len(self.slots)
-        if self._input_plan is not None and num_rows == self.num_input_rows:
-            return self._input_plan.view(num_rows, flattened, device)
-        if num_rows == rows:
-            view = self._row_view(device)
-        elif flattened and rows and num_rows % rows == 0:
-            view = self._token_view(num_rows // rows, device)
-        else:
-            raise length_mismatch(rows, num_rows)
-        self._views[(num_rows, device)] = view
-        return view
-
-    def _token_view(self, tokens_per_row: int, device: torch.device) -> PlanView:
-        """The plan with every row repeated ``tokens_per_row`` times, consecutively (a flattened [B*S, H] input)."""
+        tokens_per_row = num_rows // len(self.slots)
         row_view = self.view(len(self.slots), flattened=False, device=device)
         offsets = torch.arange(tokens_per_row, dtype=torch.int32, device=device)
         groups = [(slot, start * tokens_per_row, length * tokens_per_row) for slot, start, length in row_view.groups]
@@ -212,9 +245,11 @@ class BatchPlan:
             seg_lens * tokens_per_row,
             count,
         )
-        return PlanView(
+        view = PlanView(
             row_slots=row_view.row_slots.repeat_interleave(tokens_per_row),
             sorted_rows=segments[0][: row_view.sorted_rows.shape[0] * tokens_per_row],
             groups=groups,
             segments=segments,
         )
+        self._views[(num_rows, device)] = view
+        return view

@@ -56,6 +56,8 @@ def check(rows, tokens_per_row, popularity, dtype, device, k=72, n=136, ranks=RA
     shape = (rows * tokens_per_row,) if flatten else (rows, tokens_per_row)
     x = torch.randn(*shape, k, device=device).to(dtype)
     y = torch.randn(*shape, n, device=device).to(dtype)
+    # A layer of the step with a sequence dimension tells the plan S, so a flattened [B*S, k] input reads per token.
+    plan.view(rows, flattened=False, tokens_per_row=tokens_per_row)
     view = plan.view(x.shape[0], flattened=x.dim() == 2)
     token_slots = [slot for slot in slots for _ in range(tokens_per_row)]
     expected = lora_delta_reference(

@@ -14,7 +14,8 @@ def test_plan_views_live_on_the_asking_device():
     """The meta device stands in for a second device on a CPU-only machine."""
     plan = BatchPlan("cpu")
     plan.fill([1, -1, 0, 1], expand=1)
-    here, there = plan.view(4, flattened=False), plan.view(4, flattened=False, device=torch.device("meta"))
+    here = plan.view(4, flattened=False, tokens_per_row=3)  # a [4, 3, H] input: S = 3 (see BatchPlan.view)
+    there = plan.view(4, flattened=False, device=torch.device("meta"))
     assert here.row_slots.device.type == "cpu" and there.row_slots.device.type == "meta"
     assert all(tensor.device.type == "meta" for tensor in there.segments)
     assert there.groups == here.groups and there.sorted_rows.shape == here.sorted_rows.shape
