@@ -181,22 +181,7 @@ def test_dora_bf16_no_worse_than_peft_on_gpu(backend, autocast_adapter_dtype, tm
     check_dora_low_precision(torch.bfloat16, autocast_adapter_dtype, backend, tmp_path, "cuda", 128, 256)
 
 
-@pytest.mark.parametrize(
-    "autocast_adapter_dtype",
-    [
-        pytest.param(
-            True,
-            id="fp32_adapters",
-            marks=pytest.mark.xfail(
-                reason="suspected package precision loss, reported: DoRA rows round the LoRA result to the model "
-                "dtype before the fp32 rescale (two roundings); PEFT rescales in the adapter dtype and rounds once. "
-                "64x64 positions on CPU: error 1.09x PEFT's, agreement -0.95 points",
-                strict=False,
-            ),
-        ),
-        pytest.param(False, id="model_dtype"),
-    ],
-)
+@pytest.mark.parametrize("autocast_adapter_dtype", [True, False], ids=["fp32_adapters", "model_dtype"])
 @torch.no_grad()
 def test_dora_bf16_bar_on_cpu(autocast_adapter_dtype, tmp_path):
     """The GPU test's comparison on CPU (bf16 matmuls, torch backend, a smaller batch)."""
