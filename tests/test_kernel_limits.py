@@ -137,3 +137,44 @@ def test_direct_launches_follow_triton_specialisation_gpu():
         TritonBackend().add_lora(y, x, packed, view)
         error = (y.view(rows, n).float() - expected).abs().max() / expected.abs().max()
         assert error <= 2e-2, (offset, pad, error.item())
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=interpreted)])
+@torch.no_grad()
+def test_out_of_memory_mid_call_leaves_the_model_working(backend, monkeypatch):
+    """An allocation that fails halfway through a mixed call raises torch's OutOfMemoryError unchanged, and the
+    next call gives the right answer: plan, bank, sibling groups and the lock are not left half-written."""
+    from peft_fastlora.kernels import launch
+
+    model = _llama_with_large_ranks()
+    names = ["r4", "default", "__base__", "r128"]
+    batch = tiny.random_prompts(len(names), 5, seed=3)
+    expected = model(**batch, adapter_names=names).logits
+    patch_model(model, backend=backend)
+    model(**batch, adapter_names=names)  # warm: packed, planned
+    calls = {"count": 0}
+    real_empty, real_matmul = launch.scratch_empty, torch.Tensor.__matmul__
+
+    def failing(real):
+        def allocate(*args, **kwargs):
+            calls["count"] += 1
+            if calls["count"] == 5:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+            return real(*args, **kwargs)
+
+        return allocate
+
+    if backend == "triton":
+        monkeypatch.setattr(launch, "scratch_empty", failing(real_empty))
+    else:
+        monkeypatch.setattr(torch.Tensor, "__matmul__", failing(real_matmul))
+    with pytest.raises(torch.OutOfMemoryError, match="simulated"):
+        model(**batch, adapter_names=names)
+    monkeypatch.undo()
+    state = model.base_model._fastlora_state
+    assert state.plan is None and all(group._input is None for group in state.bank.groups)
+    assert state.lock.acquire(blocking=False)
+    state.lock.release()
+    assert_close_relative(model(**batch, adapter_names=names).logits, expected)
+    smaller = {key: value[:2] for key, value in batch.items()}
+    assert_close_relative(model(**smaller, adapter_names=names[:2]).logits, expected[:2])
