@@ -75,7 +75,7 @@ def main() -> None:
         "base": (model.disable_adapter, {}, None),
         "peft_single": (contextlib.nullcontext, {}, None),
         "peft_mixed": (contextlib.nullcontext, {"adapter_names": names}, None),
-        **{f"ours_{backend}": (contextlib.nullcontext, {"adapter_names": names}, backend) for backend in args.backends},
+        **{f"ours_{name}": (contextlib.nullcontext, {"adapter_names": names}, name) for name in args.backends},
     }
     results = []
     for row, (context, kwargs, backend) in rows_to_run.items():
