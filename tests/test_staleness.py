@@ -36,6 +36,9 @@ def test_delete_and_re_add_is_never_stale(ranks):
             torch.manual_seed(1000 + cycle)
             peft_model.add_adapter("churn", _config(rank))
             peft_model.eval()
-        assert_close_relative(
-            model(**batch, adapter_names=names).logits, oracle(**batch, adapter_names=names).logits
-        ), cycle
+        (
+            assert_close_relative(
+                model(**batch, adapter_names=names).logits, oracle(**batch, adapter_names=names).logits
+            ),
+            cycle,
+        )
