@@ -87,17 +87,19 @@ def main() -> None:
     batch = {"input_ids": torch.randint(3, 128256, (args.batch, args.prompt), generator=generator).cuda()}
     batch["attention_mask"] = torch.ones_like(batch["input_ids"])
 
+    # Patched once, as a user does: without adapter_names the patched model runs PEFT's own path (base with
+    # disable_adapter, PEFT single with set_adapter), so no row unpatches (a new patch state would re-trace
+    # compiled graphs); PEFT's mixed batch (memory only) unpatches last.
+    patch_model(model, backend="triton")
+
     def base():
-        unpatch_model(model)
         return model.disable_adapter(), {}
 
     def peft_single():
-        unpatch_model(model)
         model.set_adapter("a0")
         return None, {}
 
     def ours():
-        patch_model(model, backend="triton")
         return None, {"adapter_names": names}
 
     rows = {"base": base, "peft_single": peft_single, "ours_triton": ours}
@@ -148,6 +150,8 @@ def main() -> None:
         ids = torch.randint(3, 128256, (rows_, tokens), generator=generator).cuda()
         mixed = [f"a{row % args.adapters}" for row in range(rows_)]
         for name, setup in {**rows, "peft_mixed": peft_single}.items():
+            if name == "peft_mixed":
+                unpatch_model(model)
             context, kwargs = setup()
             if name == "ours_triton":
                 kwargs = {"adapter_names": mixed}
