@@ -147,10 +147,8 @@ class SiblingGroup:
         The last member (``last``) to take it drops both, so that neither the input nor ``h`` outlives the group's
         layers (a call otherwise kept every decoder layer's normed input alive until it ended: 5x base's prefill
         memory)."""
-        if self._input is not x:
-            return None
-        h = self._h
-        if last:
+        h = self._h if self._input is x else None
+        if last:  # also when the last member reads another input (T5 cross-attention k/v): nothing needs h now
             self.forget()
         return h
 

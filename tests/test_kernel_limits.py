@@ -178,3 +178,18 @@ def test_out_of_memory_mid_call_leaves_the_model_working(backend, monkeypatch):
     assert_close_relative(model(**batch, adapter_names=names).logits, expected)
     smaller = {key: value[:2] for key, value in batch.items()}
     assert_close_relative(model(**smaller, adapter_names=names[:2]).logits, expected[:2])
+
+
+def test_specialisation_key_separates_what_triton_compiles_apart():
+    """The direct launch path reuses a compiled kernel only under an equal key: ints that are 1, divisible by 16
+    or past 32 bits, tensors of another dtype or alignment, each key apart; other argument types are refused."""
+    from peft_fastlora.kernels.launch import _specialization
+
+    assert _specialization(1) != _specialization(2) != _specialization(16)
+    assert _specialization(32) == _specialization(16) and _specialization(3) == _specialization(5)
+    assert _specialization(2**31) != _specialization(2**31 - 16)
+    storage = torch.zeros(64, dtype=torch.float16)
+    assert _specialization(storage) != _specialization(storage[1:]) != _specialization(storage.float())
+    for value in (True, 1.0, None):
+        with pytest.raises(TypeError):
+            _specialization(value)

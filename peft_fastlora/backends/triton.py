@@ -24,7 +24,10 @@ class TritonBackend(TorchBackend):
         """Add each row's LoRA delta to ``result`` in place (see ``TorchBackend.add_lora``)."""
         # No test on the assignment (e.g. an all-__base__ batch) here: the launch must not depend on it, so that a
         # CUDA graph captured for one assignment replays for any other; the kernels read the segment count.
+        group = packed.group
         if packed.max_rank == 0:
+            if group is not None and packed.last:
+                group.forget()  # the last member releases the group's shrink output even when it adds nothing
             return
         x_tokens = x.reshape(-1, x.shape[-1])
         if x_tokens.stride(-1) != 1:
@@ -32,7 +35,7 @@ class TritonBackend(TorchBackend):
         y_tokens = result.view(-1, result.shape[-1])  # base outputs are fresh contiguous tensors
         tokens_per_row = x_tokens.shape[0] // view.num_rows
         plan = (*view.segments, tokens_per_row)
-        group, h, h_cols = packed.group, None, None
+        h, h_cols = None, None
         if group is not None:
             if packed.leader:
                 group.remember(

@@ -32,7 +32,10 @@ def _specialization(arg) -> tuple:
     divisible by 16, and fitting 32 bits. Arguments that agree on all of it run the same compiled kernel."""
     if isinstance(arg, torch.Tensor):
         return arg.dtype, arg.data_ptr() % 16 == 0
-    return arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31
+    if type(arg) is int:
+        return arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31
+    # Triton compiles bools, floats and None by other rules; the kernels take none, so refuse rather than guess.
+    raise TypeError(f"CompiledLauncher takes tensors and ints as runtime arguments, got {type(arg).__name__}")
 
 
 def _hooked(hook) -> bool:
@@ -50,6 +53,10 @@ class CompiledLauncher:
     compiled kernel's launcher directly, as ``JITFunction.run`` itself does after its checks. Under the
     interpreter every call goes through Triton. Constexprs are passed as keywords, in the kernel's order, after all
     other arguments (as the kernels declare them).
+
+    The launch runs on the device of the first argument (a tensor), with that device's current stream: a model
+    split over GPUs (accelerate's ``device_map``) calls layers on cuda:1 while the current device is cuda:0, and
+    Triton would launch on the current one.
     """
 
     def __init__(self, kernel):
@@ -60,7 +67,14 @@ class CompiledLauncher:
         if INTERPRETED:
             self.kernel[grid](*args, **constexprs)
             return
-        device = torch.cuda.current_device()
+        device = args[0].device.index
+        if device != torch.cuda.current_device():
+            with torch.cuda.device(device):
+                self._launch(device, grid, args, constexprs)
+        else:
+            self._launch(device, grid, args, constexprs)
+
+    def _launch(self, device: int, grid: tuple[int, int, int], args: tuple, constexprs: dict) -> None:
         key = (device, *constexprs.values(), *map(_specialization, args))
         compiled = self._compiled.get(key)
         runtime = triton.knobs.runtime
@@ -109,8 +123,10 @@ def h_width(max_rank: int) -> int:
 
 def dot_precision(activation_dtype: torch.dtype, weight_dtype: torch.dtype) -> str:
     """``tl.dot``'s input precision: IEEE fp32 for an fp32 model, TF32 tensor cores where the activations are fp16 or
-    bf16 anyway (fp32 adapters, PEFT's default, on a bf16 model: 4x faster than IEEE, and TF32's 10-bit mantissa is
-    finer than the bf16 the delta is rounded to). Other dtypes run on tensor cores whatever this says."""
+    bf16 anyway (fp32 adapters, PEFT's default, on a bf16 model: 4x faster than IEEE). TF32 keeps 10 mantissa bits:
+    finer than the bf16 the delta is rounded to, and as fine as fp16, so on an fp16 model its error in the delta
+    is about the size of the final rounding (PEFT computes fp32 adapters in IEEE fp32). Other dtypes run on tensor
+    cores whatever this says."""
     return "ieee" if activation_dtype == torch.float32 and weight_dtype == torch.float32 else "tf32"
 
 

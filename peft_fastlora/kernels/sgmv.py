@@ -133,16 +133,19 @@ def expand_kernel(
         n_mask = n < N
         delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for r_tile in range(R_TILES):
-            r = r_tile * BLOCK_R + tl.arange(0, BLOCK_R)
-            r_mask = r < rank
-            h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for split in range(SPLITS):
-                h_offsets = (split * num_tokens + tokens)[:, None] * H_STRIDE + (first_column + r)[None, :]
-                h += tl.load(h_ptr + h_offsets, mask=token_mask[:, None] & r_mask[None, :], other=0.0)
-            b_tile = tl.load(
-                b_ptr + (first_row + r)[:, None] * N + n[None, :], mask=r_mask[:, None] & n_mask[None, :], other=0.0
-            )
-            delta += tl.dot(h.to(b_tile.dtype), b_tile, input_precision=PRECISION)
+            if r_tile * BLOCK_R < rank:  # a rank-8 adapter beside a rank-256 one walks one tile, not four
+                r = r_tile * BLOCK_R + tl.arange(0, BLOCK_R)
+                r_mask = r < rank
+                h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+                for split in range(SPLITS):
+                    h_offsets = (split * num_tokens + tokens)[:, None] * H_STRIDE + (first_column + r)[None, :]
+                    h += tl.load(h_ptr + h_offsets, mask=token_mask[:, None] & r_mask[None, :], other=0.0)
+                b_tile = tl.load(
+                    b_ptr + (first_row + r)[:, None] * N + n[None, :],
+                    mask=r_mask[:, None] & n_mask[None, :],
+                    other=0.0,
+                )
+                delta += tl.dot(h.to(b_tile.dtype), b_tile, input_precision=PRECISION)
         y_offsets = tokens[:, None] * stride_y + n[None, :]
         y_mask = token_mask[:, None] & n_mask[None, :]
         y_tile = tl.load(y_ptr + y_offsets, mask=y_mask, other=0.0)
