@@ -232,7 +232,7 @@ def _validate_names(lora_model: LoraModel, bank: AdapterBank, adapter_names: obj
     unique = {name for name in adapter_names if name != peft_messages.BASE_ADAPTER_NAME}
     unknown = unique - bank.adapter_names()
     if unknown:
-        raise peft_messages.unknown_adapters(unknown)
+        raise peft_messages.unknown_adapters(unknown, bank.adapter_names())
     for layer in bank.lora_layers:
         if layer.merged:
             raise peft_messages.merged_adapters()
