@@ -142,8 +142,10 @@ def patch_model(model: PeftModel, backend: str = "auto") -> PeftModel:
     model : peft.PeftModel or transformers.PreTrainedModel
         A loaded PEFT model with one or more LoRA adapters, or a transformers model whose LoRA adapters were
         loaded with its own ``load_adapter`` (its ``forward`` and ``generate`` then accept ``adapter_names``).
-    backend : {"auto", "triton", "flashinfer", "torch"}
-        Which kernels add the LoRA deltas. ``"auto"`` picks the fastest one that works on the model's device.
+    backend : {"auto", "triton", "torch"}
+        Which kernels add the LoRA deltas. ``"auto"`` picks the fastest one that works on the model's device:
+        ``"triton"`` on CUDA when Triton is installed (with a warning when it is not), else ``"torch"``.
+        ``peft_fastlora.patch_info(model)`` tells which one serves the model and why.
 
     Returns
     -------

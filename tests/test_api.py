@@ -10,7 +10,9 @@ from helpers import assert_close_relative, load
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
-from peft_fastlora import patch_model, tiny, unpatch_model
+import peft_fastlora
+from peft_fastlora import patch_info, patch_model, tiny, unpatch_model
+from peft_fastlora.backends import get_backend
 from peft_fastlora.layers import is_fast_layer
 
 
@@ -81,6 +83,43 @@ def test_backend_choice():
     assert type(model.base_model._fastlora_state.backend).__name__ == "TorchBackend"  # CPU: torch
     patch_model(model, backend="torch")
     assert model.base_model._fastlora_state.backend_name == "torch"
+
+
+def test_patch_info_reports_backend_and_reason(adapter_dirs, caplog):
+    model = load("llama", adapter_dirs)
+    assert patch_info(model) == peft_fastlora.PatchInfo(patched=False)
+    assert str(patch_info(model)) == "not patched by peft_fastlora"
+    assert not patch_info("not a model").patched and not patch_info(tiny.build_base_model("llama")).patched
+    with caplog.at_level("INFO", logger="peft_fastlora"):
+        patch_model(model)
+    info = patch_info(model)
+    assert info.patched and info.backend == "torch" and info.requested == "auto"
+    assert info.reason == "the model is on cpu, not CUDA; Triton kernels need CUDA"
+    assert "backend='auto' chose 'torch': the model is on cpu" in caplog.text
+    assert info.adapters == ("a", "b", "c") and info.fast_layers == info.lora_layers == fast_layer_count(model)
+    assert str(info).startswith("patched by peft_fastlora: backend 'torch' (requested 'auto': the model is on cpu")
+    patch_model(model, backend="torch")
+    assert patch_info(model).requested == "torch" and patch_info(model).reason == "requested (backend='torch')"
+    unpatch_model(model)
+    assert not patch_info(model).patched
+
+
+def test_patch_info_on_transformers_model(adapter_dirs):
+    model = tiny.build_base_model("llama")
+    model.load_adapter(str(adapter_dirs["llama"]["a"]), adapter_name="a")
+    assert not patch_info(model).patched
+    patch_model(model, backend="torch")
+    assert patch_info(model).patched and patch_info(model).adapters == ("a",)
+
+
+def test_auto_warns_when_cuda_falls_back_to_torch(monkeypatch):
+    """On a CUDA model without Triton, ``auto`` serves with torch and says so (a warning, not silence)."""
+    monkeypatch.setitem(__import__("sys").modules, "triton", None)  # import triton -> ImportError
+    with pytest.warns(UserWarning, match="falls back to the slower torch backend on this CUDA model: triton is not"):
+        backend = get_backend("auto", torch.device("cuda"))
+    assert backend.name == "torch" and backend.reason.startswith("fallback on CUDA: triton is not installed")
+    with pytest.raises(RuntimeError, match="backend 'triton' is not available: triton is not installed"):
+        get_backend("triton", torch.device("cuda"))
 
 
 def test_refuses_non_peft_objects():
