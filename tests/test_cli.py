@@ -140,3 +140,24 @@ def test_example_script_prints_each_row(tmp_path):
                 ids = model.generate(**single, max_new_tokens=5, do_sample=False, pad_token_id=0)
         expected = tokenizer.decode(ids[0, single["input_ids"].shape[1] :], skip_special_tokens=True)
         assert line.endswith(f"-> {expected!r}"), (line, expected)
+
+
+@pytest.mark.parametrize(
+    "adapter, lines, message",
+    [
+        ("alpha=", "alpha\tw5 w6\n", "error: adapter 'alpha=' must be NAME=FOLDER"),
+        ("ALPHA", "alpha\tw5 w6\n", "error: adapter 'ALPHA' must be NAME=FOLDER"),
+        ("alpha=missing-folder", "alpha\tw5\n", "error: adapter 'alpha': folder 'missing-folder' does not exist"),
+        ("alpha=ADAPTER", "alpha w5 w6\n", "prompts.tsv, line 1: expected an adapter name, a tab, then the prompt"),
+        ("alpha=ADAPTER", "\nalpha\tw5\nbase\tw6\n", "line 3: unknown adapter 'base' (loaded: alpha; or __base__)"),
+        ("alpha=ADAPTER", "\n", "prompts.tsv: no prompts"),
+    ],
+)
+def test_example_script_refuses_bad_input(tmp_path, adapter, lines, message):
+    """A malformed NAME=FOLDER or prompts line is one line of error and exit status 2, before any model loads."""
+    (tmp_path / "adapter").mkdir()
+    prompts = tmp_path / "prompts.tsv"
+    prompts.write_text(lines)
+    adapter = adapter.replace("ADAPTER", str(tmp_path / "adapter"))
+    line = run_failing("examples/mixed_generate.py", str(tmp_path / "base"), adapter, "--prompts", str(prompts))
+    assert message in line
