@@ -163,3 +163,15 @@ def test_reload_after_unpatch_is_plain_peft(adapter_dirs, tmp_path):
     model = patch_model(load("llama", adapter_dirs, names=("a",)))
     unpatch_model(model)
     assert isinstance(model, PeftModel) and fast_layer_count(model) == 0
+
+
+def test_import_does_not_load_bitsandbytes_layers():
+    """Importing peft_fastlora does not import PEFT's bitsandbytes LoRA layers (nor the kernels bitsandbytes loads
+    with them); they are looked up once PEFT itself has imported them for a quantized model (tests/test_quantized.py).
+    """
+    import subprocess
+    import sys
+
+    code = "import sys, peft_fastlora\nprint('peft.tuners.lora.bnb' in sys.modules)\n"
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert completed.stdout.strip() == "False", completed.stderr
