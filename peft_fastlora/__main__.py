@@ -87,7 +87,8 @@ def _setup_error(backend: str, device: str) -> str | None:
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         return f"--device {device} was given, but CUDA is not available on this machine (use --device cpu)."
     try:
-        get_backend(backend, torch_device)
+        if backend != "auto":  # auto always finds one (and warns from patch_model where it falls back)
+            get_backend(backend, torch_device)
     except RuntimeError as error:
         return f"--backend {backend}: {str(error).removeprefix('peft_fastlora ')}"
     return None

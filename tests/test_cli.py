@@ -37,7 +37,7 @@ def run_failing(*args: str) -> str:
 
 
 def test_demo_matches_peft():
-    output = run("-m", "peft_fastlora", "demo", "--backend", "torch")
+    output = run("-m", "peft_fastlora", "demo", "--backend", "torch", "--no-timing")
     assert "matched plain PEFT: all generated tokens equal" in output
     assert output.count("row ") == 6 and "__base__" in output
 
