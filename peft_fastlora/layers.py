@@ -8,6 +8,7 @@ call), the forward is PEFT's own.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -56,21 +57,38 @@ class FastEmbeddingMixin:
 
 
 def _quantized_linear_classes() -> list[type]:
-    """PEFT's LoRA layers over bitsandbytes' 8-bit and 4-bit Linear, where bitsandbytes is installed. Their forward
+    """PEFT's LoRA layers over bitsandbytes' 8-bit and 4-bit Linear, where PEFT has loaded them. Their forward
     is the plain one (base output, then the LoRA delta in the adapter dtype, cast to the output dtype), so the
-    packed path serves them as it serves ``lora.Linear``; the base stays bitsandbytes' quantized matmul."""
-    try:
-        from peft.tuners.lora import bnb as lora_bnb
-    except ImportError:
+    packed path serves them as it serves ``lora.Linear``; the base stays bitsandbytes' quantized matmul.
+
+    Only looked up in ``sys.modules``: PEFT imports ``peft.tuners.lora.bnb`` itself when it wraps a quantized
+    layer, so a model without one never makes us import it (nor bitsandbytes' kernels)."""
+    lora_bnb = sys.modules.get("peft.tuners.lora.bnb")
+    if lora_bnb is None:
         return []
     return [cls for cls in (getattr(lora_bnb, "Linear8bitLt", None), getattr(lora_bnb, "Linear4bit", None)) if cls]
 
 
-FAST_MIXINS = {
-    lora_layer.Linear: FastLinearMixin,
-    lora_layer.Embedding: FastEmbeddingMixin,
-    **dict.fromkeys(_quantized_linear_classes(), FastLinearMixin),
-}
+class _FastMixins(dict):
+    """``{PEFT layer class: mixin}``; the bitsandbytes classes join on the first look-up after PEFT loaded them."""
+
+    quantized_added = False
+
+    def _add_quantized(self) -> None:
+        if not self.quantized_added and "peft.tuners.lora.bnb" in sys.modules:
+            self.update(dict.fromkeys(_quantized_linear_classes(), FastLinearMixin))
+            self.quantized_added = True
+
+    def __contains__(self, key: object) -> bool:
+        self._add_quantized()
+        return dict.__contains__(self, key)
+
+    def __getitem__(self, key: type) -> type:
+        self._add_quantized()
+        return dict.__getitem__(self, key)
+
+
+FAST_MIXINS = _FastMixins({lora_layer.Linear: FastLinearMixin, lora_layer.Embedding: FastEmbeddingMixin})
 """PEFT layer classes served by the packed path, by exact type (other subclasses keep PEFT's path, with a
 warning that names them)."""
 

@@ -142,8 +142,10 @@ def patch_model(model: PeftModel, backend: str = "auto") -> PeftModel:
     model : peft.PeftModel or transformers.PreTrainedModel
         A loaded PEFT model with one or more LoRA adapters, or a transformers model whose LoRA adapters were
         loaded with its own ``load_adapter`` (its ``forward`` and ``generate`` then accept ``adapter_names``).
-    backend : {"auto", "triton", "flashinfer", "torch"}
-        Which kernels add the LoRA deltas. ``"auto"`` picks the fastest one that works on the model's device.
+    backend : {"auto", "triton", "torch"}
+        Which kernels add the LoRA deltas. ``"auto"`` picks the fastest one that works on the model's device:
+        ``"triton"`` on CUDA when Triton is installed (with a warning when it is not), else ``"torch"``.
+        ``peft_fastlora.patch_info(model)`` tells which one serves the model and why.
 
     Returns
     -------
@@ -232,7 +234,7 @@ def _validate_names(lora_model: LoraModel, bank: AdapterBank, adapter_names: obj
     unique = {name for name in adapter_names if name != peft_messages.BASE_ADAPTER_NAME}
     unknown = unique - bank.adapter_names()
     if unknown:
-        raise peft_messages.unknown_adapters(unknown)
+        raise peft_messages.unknown_adapters(unknown, bank.adapter_names())
     for layer in bank.lora_layers:
         if layer.merged:
             raise peft_messages.merged_adapters()

@@ -3,6 +3,9 @@
 A user switching from plain PEFT to a patched model must see the same errors for the same mistakes, so every
 message PEFT has for mixed-adapter batches is reproduced here once (from ``peft/tuners/lora/layer.py`` and
 ``peft/tuners/lora/model.py``, PEFT 0.21) and raised from one place.
+
+Where PEFT's text alone does not tell the user what to do, a hint goes below it as a Python exception note
+(``BaseException.add_note``, shown under the message in a traceback): ``str(error)`` stays PEFT's, word for word.
 """
 
 from __future__ import annotations
@@ -32,13 +35,33 @@ def dora_enabled() -> ValueError:
 
 
 def training_mode() -> ValueError:
-    """PEFT's error for ``adapter_names`` while the model is in training mode."""
-    return ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+    """PEFT's error for ``adapter_names`` while the model is in training mode, with a hint below it."""
+    error = ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+    return with_note(error, "peft_fastlora: call model.eval() before a mixed-adapter batch.")
 
 
-def unknown_adapters(names: set[str]) -> ValueError:
-    """PEFT's error for adapter names that no LoRA layer of the model holds."""
-    return ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(names))}")
+def unknown_adapters(names: set[str], loaded: set[str] | None = None) -> ValueError:
+    """PEFT's error for adapter names that no LoRA layer of the model holds, with a hint below it naming the
+    ``loaded`` adapters and ``"__base__"``."""
+    error = ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(names))}")
+    if loaded is not None:
+        available = ", ".join(repr(name) for name in sorted(loaded)) or "none"
+        with_note(
+            error,
+            f"peft_fastlora: the loaded adapters are {available}; use {BASE_ADAPTER_NAME!r} for a row that gets "
+            "no adapter.",
+        )
+    return error
+
+
+def with_note(error: BaseException, note: str) -> BaseException:
+    """Add ``note`` below ``error``'s message (``add_note``, Python 3.11+; on 3.10 it is kept in ``__notes__``,
+    which tracebacks there do not show). Returns ``error``."""
+    if hasattr(error, "add_note"):
+        error.add_note(note)
+    else:  # Python 3.10
+        error.__notes__ = [*getattr(error, "__notes__", []), note]
+    return error
 
 
 def not_a_list(adapter_names: object) -> TypeError:

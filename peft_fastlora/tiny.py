@@ -7,7 +7,9 @@ real loading code.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -24,6 +26,15 @@ TARGET_MODULES = {
     "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
 }
+
+
+@contextlib.contextmanager
+def _quiet_peft_wrap():
+    """PEFT 0.21 wraps a model by reading ``model.is_gradient_checkpointing``, which transformers ≥ 5.18 deprecates
+    with a FutureWarning on every wrap. It is PEFT's read, not a problem of the demo: hide that one warning here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def tiny_config(architecture: str = "llama") -> PretrainedConfig:
@@ -86,14 +97,16 @@ def save_adapter(
         **lora_kwargs,
     )
     torch.manual_seed(seed)
-    get_peft_model(fresh, config).save_pretrained(path)
+    with _quiet_peft_wrap():
+        get_peft_model(fresh, config).save_pretrained(path)
 
 
 def load_peft_model(base_model, adapters: dict[str, str | os.PathLike]) -> PeftModel:
     """Load ``{name: folder}`` adapters onto ``base_model`` the way a user does: ``from_pretrained`` for the first,
     ``load_adapter`` for the rest. Returns the PeftModel in eval mode."""
     (first_name, first_path), *rest = adapters.items()
-    model = PeftModel.from_pretrained(base_model, first_path, adapter_name=first_name)
+    with _quiet_peft_wrap():
+        model = PeftModel.from_pretrained(base_model, first_path, adapter_name=first_name)
     for name, path in rest:
         model.load_adapter(path, adapter_name=name)
     return model.eval()

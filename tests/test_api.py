@@ -10,7 +10,9 @@ from helpers import assert_close_relative, load
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
-from peft_fastlora import patch_model, tiny, unpatch_model
+import peft_fastlora
+from peft_fastlora import patch_info, patch_model, tiny, unpatch_model
+from peft_fastlora.backends import get_backend
 from peft_fastlora.layers import is_fast_layer
 
 
@@ -83,6 +85,43 @@ def test_backend_choice():
     assert model.base_model._fastlora_state.backend_name == "torch"
 
 
+def test_patch_info_reports_backend_and_reason(adapter_dirs, caplog):
+    model = load("llama", adapter_dirs)
+    assert patch_info(model) == peft_fastlora.PatchInfo(patched=False)
+    assert str(patch_info(model)) == "not patched by peft_fastlora"
+    assert not patch_info("not a model").patched and not patch_info(tiny.build_base_model("llama")).patched
+    with caplog.at_level("INFO", logger="peft_fastlora"):
+        patch_model(model)
+    info = patch_info(model)
+    assert info.patched and info.backend == "torch" and info.requested == "auto"
+    assert info.reason == "the model is on cpu, not CUDA; Triton kernels need CUDA"
+    assert "backend='auto' chose 'torch': the model is on cpu" in caplog.text
+    assert info.adapters == ("a", "b", "c") and info.fast_layers == info.lora_layers == fast_layer_count(model)
+    assert str(info).startswith("patched by peft_fastlora: backend 'torch' (requested 'auto': the model is on cpu")
+    patch_model(model, backend="torch")
+    assert patch_info(model).requested == "torch" and patch_info(model).reason == "requested (backend='torch')"
+    unpatch_model(model)
+    assert not patch_info(model).patched
+
+
+def test_patch_info_on_transformers_model(adapter_dirs):
+    model = tiny.build_base_model("llama")
+    model.load_adapter(str(adapter_dirs["llama"]["a"]), adapter_name="a")
+    assert not patch_info(model).patched
+    patch_model(model, backend="torch")
+    assert patch_info(model).patched and patch_info(model).adapters == ("a",)
+
+
+def test_auto_warns_when_cuda_falls_back_to_torch(monkeypatch):
+    """On a CUDA model without Triton, ``auto`` serves with torch and says so (a warning, not silence)."""
+    monkeypatch.setitem(__import__("sys").modules, "triton", None)  # import triton -> ImportError
+    with pytest.warns(UserWarning, match="falls back to the slower torch backend on this CUDA model: triton is not"):
+        backend = get_backend("auto", torch.device("cuda"))
+    assert backend.name == "torch" and backend.reason.startswith("fallback on CUDA: triton is not installed")
+    with pytest.raises(RuntimeError, match="backend 'triton' is not available: triton is not installed"):
+        get_backend("triton", torch.device("cuda"))
+
+
 def test_refuses_non_peft_objects():
     with pytest.raises(TypeError, match="expects a peft.PeftModel"):
         patch_model(tiny.build_base_model("llama"))
@@ -124,3 +163,15 @@ def test_reload_after_unpatch_is_plain_peft(adapter_dirs, tmp_path):
     model = patch_model(load("llama", adapter_dirs, names=("a",)))
     unpatch_model(model)
     assert isinstance(model, PeftModel) and fast_layer_count(model) == 0
+
+
+def test_import_does_not_load_bitsandbytes_layers():
+    """Importing peft_fastlora does not import PEFT's bitsandbytes LoRA layers (nor the kernels bitsandbytes loads
+    with them); they are looked up once PEFT itself has imported them for a quantized model (tests/test_quantized.py).
+    """
+    import subprocess
+    import sys
+
+    code = "import sys, peft_fastlora\nprint('peft.tuners.lora.bnb' in sys.modules)\n"
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert completed.stdout.strip() == "False", completed.stderr

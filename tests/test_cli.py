@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peft_fastlora import tiny
+from peft_fastlora.__main__ import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,8 +24,20 @@ def run(*args: str) -> str:
     return completed.stdout
 
 
+def run_failing(*args: str) -> str:
+    """Run a command that must refuse a user mistake: exit status 2 and one line of error, no traceback. Returns
+    that line. TRITON_INTERPRET is dropped from the environment, as on a user's CPU machine."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    completed = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    assert completed.returncode == 2, (completed.returncode, completed.stderr)
+    assert "Traceback" not in completed.stderr, completed.stderr
+    lines = [line for line in completed.stderr.splitlines() if "error" in line]
+    assert len(lines) == 1, completed.stderr
+    return lines[0]
+
+
 def test_demo_matches_peft():
-    output = run("-m", "peft_fastlora", "demo", "--backend", "torch")
+    output = run("-m", "peft_fastlora", "demo", "--backend", "torch", "--no-timing")
     assert "matched plain PEFT: all generated tokens equal" in output
     assert output.count("row ") == 6 and "__base__" in output
 
@@ -52,8 +67,44 @@ def test_generate_benchmark_smoke(tmp_path):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_demo_help_lists_backend():
-    assert "--backend" in run("-m", "peft_fastlora", "demo", "--help")
+def test_demo_prints_backend_and_fair_timing():
+    output = run("-m", "peft_fastlora", "demo", "--backend", "torch", "--max-new-tokens", "2")
+    assert "patched by peft_fastlora: backend 'torch' (requested 'torch'" in output
+    assert "generate, median of 5 calls after a warm-up: plain PEFT mixed batch " in output
+    assert "median" not in run("-m", "peft_fastlora", "demo", "--max-new-tokens", "2", "--no-timing")
+
+
+def test_demo_help_has_text_for_every_option():
+    text = run("-m", "peft_fastlora", "demo", "--help")
+    options = ["--backend", "--architecture", "--max-new-tokens", "--device", "--no-timing"]
+    for option in options:
+        assert option in text
+    assert "``" not in text and "flashinfer" not in text  # no raw RST; only backends that run
+    for action in build_parser()[1]._actions:
+        assert action.help, action.option_strings
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--backend", "triton", "--device", "cpu"], "--backend triton: backend 'triton' is not available: Triton"),
+        (["--device", "nonsense"], "--device 'nonsense' is not a torch device"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0."),
+        (["--backend", "flashinfer"], "argument --backend: invalid choice: 'flashinfer'"),
+    ],
+)
+def test_demo_user_errors_are_one_line_exit_2(args, message):
+    line = run_failing("-m", "peft_fastlora", "demo", *args)
+    assert message in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_demo_cuda_without_cuda_is_one_line_exit_2():
+    line = run_failing("-m", "peft_fastlora", "demo", "--device", "cuda")
+    assert line == (
+        "python -m peft_fastlora demo: error: --device cuda was given, but CUDA is not available on this machine "
+        "(use --device cpu)."
+    )
 
 
 def test_example_script_prints_each_row(tmp_path):
@@ -89,3 +140,24 @@ def test_example_script_prints_each_row(tmp_path):
                 ids = model.generate(**single, max_new_tokens=5, do_sample=False, pad_token_id=0)
         expected = tokenizer.decode(ids[0, single["input_ids"].shape[1] :], skip_special_tokens=True)
         assert line.endswith(f"-> {expected!r}"), (line, expected)
+
+
+@pytest.mark.parametrize(
+    "adapter, lines, message",
+    [
+        ("alpha=", "alpha\tw5 w6\n", "error: adapter 'alpha=' must be NAME=FOLDER"),
+        ("ALPHA", "alpha\tw5 w6\n", "error: adapter 'ALPHA' must be NAME=FOLDER"),
+        ("alpha=missing-folder", "alpha\tw5\n", "error: adapter 'alpha': folder 'missing-folder' does not exist"),
+        ("alpha=ADAPTER", "alpha w5 w6\n", "prompts.tsv, line 1: expected an adapter name, a tab, then the prompt"),
+        ("alpha=ADAPTER", "\nalpha\tw5\nbase\tw6\n", "line 3: unknown adapter 'base' (loaded: alpha; or __base__)"),
+        ("alpha=ADAPTER", "\n", "prompts.tsv: no prompts"),
+    ],
+)
+def test_example_script_refuses_bad_input(tmp_path, adapter, lines, message):
+    """A malformed NAME=FOLDER or prompts line is one line of error and exit status 2, before any model loads."""
+    (tmp_path / "adapter").mkdir()
+    prompts = tmp_path / "prompts.tsv"
+    prompts.write_text(lines)
+    adapter = adapter.replace("ADAPTER", str(tmp_path / "adapter"))
+    line = run_failing("examples/mixed_generate.py", str(tmp_path / "base"), adapter, "--prompts", str(prompts))
+    assert message in line

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from helpers import assert_close_relative, load
@@ -48,6 +50,7 @@ def expect_same_error(oracle, model, call, batch):
     if model.training:
         model.eval()
     assert_unchanged(model, before, batch)
+    expect_same_error.notes = getattr(our_error.value, "__notes__", [])
     return str(our_error.value)
 
 
@@ -56,6 +59,24 @@ def test_unknown_adapter_name(pair):
     oracle, model, batch = pair
     message = expect_same_error(oracle, model, lambda m: m(**batch, adapter_names=["a", "zz", "yy"]), batch)
     assert message == "Trying to infer with non-existing adapter(s): yy, zz"
+    # The hint is a note below PEFT's unchanged text: the loaded adapters and the name for no adapter.
+    assert expect_same_error.notes == [
+        "peft_fastlora: the loaded adapters are 'a', 'b', 'c'; use '__base__' for a row that gets no adapter."
+    ]
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="tracebacks print exception notes from Python 3.11")
+@torch.no_grad()
+def test_unknown_adapter_hint_in_traceback(pair):
+    """A user who writes "base" for the base model sees PEFT's message, then the hint, in the printed traceback."""
+    import traceback
+
+    _, model, batch = pair
+    with pytest.raises(ValueError) as error:
+        model(**batch, adapter_names=["a", "base", "b"])
+    printed = "".join(traceback.format_exception(error.value))
+    assert "ValueError: Trying to infer with non-existing adapter(s): base\n" in printed
+    assert printed.rstrip().endswith("use '__base__' for a row that gets no adapter.")
 
 
 @torch.no_grad()
@@ -72,6 +93,7 @@ def test_training_mode(pair):
     model.train()
     message = expect_same_error(oracle, model, lambda m: m(**batch, adapter_names=["a", "b", "c"]), batch)
     assert message == "Cannot pass `adapter_names` when the model is in training mode."
+    assert expect_same_error.notes == ["peft_fastlora: call model.eval() before a mixed-adapter batch."]
 
 
 @torch.no_grad()

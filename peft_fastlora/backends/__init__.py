@@ -7,13 +7,18 @@ that all others must match.
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 
 import torch
 
 from .torch_ref import TorchBackend
 
-BACKEND_NAMES = ("auto", "triton", "flashinfer", "torch")
+BACKEND_NAMES = ("auto", "triton", "torch")
+"""The backends a user can choose. ``"flashinfer"`` is reserved (it raises: not implemented yet)."""
+
+logger = logging.getLogger(__name__)
 
 
 def _unavailable(name: str, why: str) -> RuntimeError:
@@ -34,11 +39,15 @@ def _triton_problem(device: torch.device) -> str | None:
 def get_backend(name: str, device: torch.device):
     """Return the backend object for ``name`` on ``device``.
 
+    The returned object has ``name`` (``"torch"`` or ``"triton"``) and ``reason``, a sentence saying why it serves
+    this model (for ``"auto"``, why it was chosen); ``peft_fastlora.patch_info`` reports both. ``"auto"`` logs its
+    choice at INFO on the ``peft_fastlora`` logger, and warns when it falls back to torch on a CUDA device because
+    Triton is not installed.
+
     Parameters
     ----------
     name : str
-        One of ``"auto"``, ``"triton"``, ``"flashinfer"``, ``"torch"``. ``"auto"`` picks the fastest backend that
-        works on ``device``.
+        One of ``"auto"``, ``"triton"``, ``"torch"``. ``"auto"`` picks the fastest backend that works on ``device``.
     device : torch.device
         The device the model's LoRA layers run on.
 
@@ -47,19 +56,37 @@ def get_backend(name: str, device: torch.device):
     ValueError
         For a name that is not a backend.
     RuntimeError
-        For a backend that cannot run here; the message says why.
+        For a backend that cannot run here (``"flashinfer"`` included: not implemented yet); the message says why.
     """
+    if name == "flashinfer":
+        raise _unavailable(name, "the FlashInfer backend is not implemented yet; use backend='triton' or 'torch'.")
     if name not in BACKEND_NAMES:
         raise ValueError(f"Unknown peft_fastlora backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}.")
-    if name == "torch" or (name == "auto" and device.type != "cuda"):
-        return TorchBackend()
-    if name in ("auto", "triton"):
-        why = _triton_problem(device)
-        if why is None:
-            from .triton import TritonBackend
+    if name == "torch":
+        return _with_reason(TorchBackend(), "requested (backend='torch')")
+    if name == "auto" and device.type != "cuda":
+        return _chosen(TorchBackend(), f"the model is on {device.type}, not CUDA; Triton kernels need CUDA")
+    why = _triton_problem(device)
+    if why is None:
+        from .triton import TritonBackend
 
-            return TritonBackend()
-        if name == "auto":
-            return TorchBackend()
+        if name == "triton":
+            return _with_reason(TritonBackend(), "requested (backend='triton')")
+        return _chosen(TritonBackend(), "the model is on CUDA and Triton is installed")
+    if name == "triton":
         raise _unavailable(name, why)
-    raise _unavailable(name, "the FlashInfer backend is not implemented yet; use backend='torch'.")
+    warnings.warn(
+        f"peft_fastlora: backend='auto' falls back to the slower torch backend on this CUDA model: {why}",
+        stacklevel=3,
+    )
+    return _chosen(TorchBackend(), f"fallback on CUDA: {why}")
+
+
+def _with_reason(backend, reason: str):
+    backend.reason = reason
+    return backend
+
+
+def _chosen(backend, reason: str):
+    logger.info("peft_fastlora: backend='auto' chose %r: %s", backend.name, reason)
+    return _with_reason(backend, reason)
