@@ -131,19 +131,20 @@ class SiblingGroup:
         for index, pack in enumerate(packs):
             pack.group, pack.leader = self, index == 0
             pack.h_cols = torch.tensor(columns[index], dtype=torch.int32, device=device)
-        self._input: torch.Tensor | None = None
-        self._h: torch.Tensor | None = None
+        # (input, shrink output), one attribute written and read whole: calls from several threads may run at once.
+        self._memo: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def remember(self, x: torch.Tensor, h: torch.Tensor) -> None:
         """Keep the shrink output ``h`` of input ``x`` (holding ``x`` keeps its identity unambiguous)."""
-        self._input, self._h = x, h
+        self._memo = (x, h)
 
     def recall(self, x: torch.Tensor) -> torch.Tensor | None:
         """The group's shrink output if it was computed from this very tensor, else None."""
-        return self._h if self._input is x else None
+        memo = self._memo
+        return memo[1] if memo is not None and memo[0] is x else None
 
     def forget(self) -> None:
-        self._input = self._h = None
+        self._memo = None
 
 
 def sibling_groups(named_layers: list[tuple[str, LoraLayer]]) -> list[list[LoraLayer]]:
