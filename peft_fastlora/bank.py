@@ -134,26 +134,28 @@ class SiblingGroup:
         for index, pack in enumerate(packs):
             pack.group, pack.leader, pack.last = self, index == 0, index == len(packs) - 1
             pack.h_cols = torch.tensor(columns[index], dtype=torch.int32, device=device)
-        self._input: torch.Tensor | None = None
-        self._h: torch.Tensor | None = None
+        # (input, shrink output), one attribute written and read whole: calls from several threads may run at once.
+        self._memo: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def remember(self, x: torch.Tensor, h: torch.Tensor) -> None:
         """Keep the shrink output ``h`` of input ``x`` (holding ``x`` keeps its identity unambiguous)."""
-        self._input, self._h = x, h
+        self._memo = (x, h)
 
     def take(self, x: torch.Tensor, last: bool) -> torch.Tensor | None:
         """The group's shrink output if it was computed from this very tensor, else None.
 
         The last member (``last``) to take it drops both, so that neither the input nor ``h`` outlives the group's
         layers (a call otherwise kept every decoder layer's normed input alive until it ended: 5x base's prefill
-        memory)."""
-        h = self._h if self._input is x else None
+        memory). A member that finds nothing (another thread's call replaced the pair, or it reads another input)
+        computes its own shrink."""
+        memo = self._memo
+        h = memo[1] if memo is not None and memo[0] is x else None
         if last:  # also when the last member reads another input (T5 cross-attention k/v): nothing needs h now
             self.forget()
         return h
 
     def forget(self) -> None:
-        self._input = self._h = None
+        self._memo = None
 
 
 def sibling_groups(named_layers: list[tuple[str, LoraLayer]]) -> list[list[LoraLayer]]:

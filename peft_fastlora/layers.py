@@ -4,6 +4,14 @@ A layer is patched by swapping its class for a subclass of its own class (``fast
 identity, parameters, state_dict keys, ``repr`` and every PEFT method; only ``forward`` changes. When no mixed
 batch is in flight (no plan) or PEFT hands the layer ``adapter_names`` itself (a fallback chosen by the model-level
 call), the forward is PEFT's own.
+
+Where autograd must see the layer (grad mode on and the input, an adapter weight or the base weight requires grad),
+the layer also takes PEFT's own mixed-batch forward, with the names of this call's rows: the packed weights are
+detached copies and the Triton kernels have no backward, so the packed path would lose the LoRA gradients.
+(A DoRA adapter there gets PEFT's own DoRA error, as in plain PEFT; run inference under ``torch.no_grad()``.)
+
+A fast layer pickles and deep-copies as the PEFT layer it was (``__reduce_ex__``): the copy holds no patch state of
+the original, and the copied model re-patches itself on its first call (see ``peft_fastlora.patch``).
 """
 
 from __future__ import annotations
@@ -14,10 +22,42 @@ from typing import Any
 import torch
 from peft.tuners.lora import layer as lora_layer
 
+from .bank import BASE_SLOT
 from .dora import apply_dora, dora_dtype
+from .peft_messages import BASE_ADAPTER_NAME
+
+PATCH_ATTRIBUTES = ("_fastlora_state", "_fastlora_packed", "_fastlora_unsupported")
+"""What ``patch_layer`` and the bank attach to a layer; none of it belongs in a copy or a pickle."""
 
 
-class FastLinearMixin:
+class _FastLayer:
+    """What every fast layer class shares: the autograd fallback and pickling as PEFT's own class."""
+
+    def _needs_autograd(self, x: torch.Tensor) -> bool:
+        """True where autograd must record this layer: grad mode is on and the input, an adapter weight or the
+        base weight requires grad."""
+        if not torch.is_grad_enabled():
+            return False
+        if x.requires_grad or getattr(self.get_base_layer().weight, "requires_grad", False):
+            return True
+        parts = (self.lora_A, self.lora_B, self.lora_embedding_A, self.lora_embedding_B, self.lora_magnitude_vector)
+        return any(parameter.requires_grad for part in parts for parameter in part.parameters())
+
+    def _row_names(self, view) -> list[str]:
+        """The adapter name of each leading-dimension entry of ``view`` (one host sync; the autograd path only)."""
+        names = {slot: name for name, slot in self._fastlora_state.bank.slots.items()}
+        names[BASE_SLOT] = BASE_ADAPTER_NAME
+        return [names[slot] for slot in view.row_slots.tolist()]
+
+    def __reduce_ex__(self, protocol: int):
+        # Pickle as the PEFT class itself: the fast class is made at run time under PEFT's name (so pickle cannot
+        # find it by name), and the patch state (lock, plan, bank) is per model, so a copy must not share it.
+        # (copyreg.__newobj__ would be pickled as NEWOBJ, which insists on the object's own class.)
+        state = {key: value for key, value in self.__getstate__().items() if key not in PATCH_ATTRIBUTES}
+        return object.__new__, (type(self)._fastlora_peft_class,), state
+
+
+class FastLinearMixin(_FastLayer):
     """Mixed-batch forward for PEFT's ``lora.Linear`` (nn.Linear, and transformers' Conv1D via fan_in_fan_out)."""
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -29,6 +69,8 @@ class FastLinearMixin:
             return super().forward(x, *args, **kwargs)
         tokens = x.shape[1:-1].numel() if x.dim() > 2 else None  # [B, S, H]: S tokens per row (see BatchPlan.view)
         view = plan.view(x.shape[0], flattened=x.dim() == 2, device=x.device, tokens_per_row=tokens)
+        if self._needs_autograd(x):
+            return super().forward(x, *args, adapter_names=self._row_names(view), **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         packed = self._fastlora_packed
         if packed.dora is None:
@@ -41,7 +83,7 @@ class FastLinearMixin:
         return result
 
 
-class FastEmbeddingMixin:
+class FastEmbeddingMixin(_FastLayer):
     """Mixed-batch forward for PEFT's ``lora.Embedding``."""
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -51,6 +93,8 @@ class FastEmbeddingMixin:
             return super().forward(x, *args, **kwargs)
         tokens = x.shape[1:].numel() if x.dim() > 1 else None  # ids [B, S]: S tokens per row (see BatchPlan.view)
         view = plan.view(x.shape[0], flattened=x.dim() == 1, device=x.device, tokens_per_row=tokens)
+        if self._needs_autograd(x):
+            return super().forward(x, *args, adapter_names=self._row_names(view), **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         state.backend.add_embedding_lora(result, x, self._fastlora_packed, view, self._get_embed_scale())
         return result
@@ -121,5 +165,5 @@ def patch_layer(module: torch.nn.Module, state) -> None:
 def unpatch_layer(module: torch.nn.Module) -> None:
     """Restore ``module``'s PEFT class and drop everything the patch attached."""
     module.__class__ = type(module)._fastlora_peft_class
-    for attribute in ("_fastlora_state", "_fastlora_packed", "_fastlora_unsupported"):
+    for attribute in PATCH_ATTRIBUTES:
         module.__dict__.pop(attribute, None)

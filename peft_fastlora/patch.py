@@ -16,6 +16,21 @@ A transformers model with adapters loaded by transformers itself (``model.load_a
 the PEFT integration) has no PeftModel and no ``adapter_names`` argument at all: transformers' ``generate`` rejects
 it and ``forward`` ignores it silently. There the patch wraps the instance's ``forward`` and ``generate``: they take
 ``adapter_names`` off the call and run the same context around it, with the same semantics and errors.
+
+Calls inside calls and calls from several threads. Each mixed call has a plan of its own, and a thread's layers
+find the plan of the innermost call running on that thread (a thread-local). The outermost call takes the state's
+one stable plan (``plan_buffers``, whose device buffers a CUDA graph captured over a forward keeps reading); a call
+made while that plan is taken (by a logits processor inside ``generate``, or by another thread) takes a spare plan.
+The lock is held only while shared state is written: the bank's refresh and the handing out of plans, never for
+the whole call, so a logits processor may wait on a model call made in another thread. PEFT's hooks for the
+modules it still serves are shared by every call in flight, so each hook applies only within its own call.
+Changing adapters (``load_adapter``, ``delete_adapter``, writing weights) while another thread's call is running
+is a race, as it is in PEFT.
+
+Copies. ``copy.deepcopy``, ``pickle`` and ``torch.save`` of a patched model give a model whose layers are PEFT's own
+classes and whose patch state is a ``_PendingPatch`` (the backend name only): the first call on the copy patches it
+again, with its own lock, plans and bank. So a pickle holds no copy of the packed weights, and loading it needs
+peft_fastlora importable (pickle imports it by itself) but nothing imported beforehand.
 """
 
 from __future__ import annotations
@@ -24,9 +39,11 @@ import functools
 import logging
 import threading
 import warnings
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer, LoraModel
@@ -55,20 +72,77 @@ class PatchState:
         The backend that adds LoRA deltas (see ``peft_fastlora.backends``).
     bank : AdapterBank
         Slots and packed weights.
-    plan : BatchPlan or None
-        The plan of the mixed-batch call in flight; None outside one, which sends layers down PEFT's own path.
+    plan_buffers : BatchPlan
+        The stable plan, taken by every call that starts while no other call holds it (so, single-threaded, by
+        every outermost call): a CUDA graph captured over a forward reads its buffers, refilled in place.
+    spare_plans : list[BatchPlan]
+        Plans for calls that start while ``plan_buffers`` is taken (nested or concurrent calls), kept for reuse.
+    lock : threading.RLock
+        Held while shared state is written: layer sync and bank refresh, and taking or giving back a plan.
     """
 
     backend_name: str
     backend: object
     bank: AdapterBank
     plan_buffers: BatchPlan
-    plan: BatchPlan | None = None
-    # True during a mixed call in which some modules get ``adapter_names`` from PEFT's forward hooks. Fast layers
-    # read it, so a compiled graph carries a guard on it (see _mixed_batch_context).
-    peft_hooks: bool = False
-    # Serialises mixed-batch calls: the plan is shared by all layers, so two calls in flight at once would mix.
+    spare_plans: list[BatchPlan] = field(default_factory=list)
     lock: threading.RLock = field(default_factory=threading.RLock)
+    buffers_taken: bool = False
+    # The plan of the innermost mixed call running on each thread (as the attribute ``plan``).
+    _local: threading.local = field(default_factory=threading.local)
+
+    @property
+    def plan(self) -> BatchPlan | None:
+        """The plan of the innermost mixed-batch call running on this thread; None outside one, which sends layers
+        down PEFT's own path."""
+        return getattr(self._local, "plan", None)
+
+    @property
+    def peft_hooks(self) -> bool:
+        """Whether the innermost mixed call of this thread hands some modules ``adapter_names`` through PEFT's
+        forward hooks. Fast layers read it, so a compiled graph carries a guard on it (see
+        ``_mixed_batch_context``)."""
+        return getattr(self._local, "peft_hooks", False)
+
+    def take_plan(self) -> BatchPlan:
+        """A plan for a new call: the stable one if free, else a spare (made on first need)."""
+        with self.lock:
+            if not self.buffers_taken:
+                self.buffers_taken = True
+                return self.plan_buffers
+            return self.spare_plans.pop() if self.spare_plans else BatchPlan(self.plan_buffers.device)
+
+    def give_back(self, plan: BatchPlan) -> None:
+        """Return a plan taken by ``take_plan`` once its call has ended."""
+        with self.lock:
+            if plan is self.plan_buffers:
+                self.buffers_taken = False
+            else:
+                self.spare_plans.append(plan)
+
+    def __reduce__(self):
+        # A copy (deepcopy, pickle, torch.save) gets a fresh patch of its own on its first call: the lock and the
+        # thread-local cannot be copied, and the bank and plans belong to the original's layers and device.
+        return _PendingPatch, (self.backend_name,)
+
+
+class _PendingPatch:
+    """The patch state of a copied or unpickled model until its first call re-patches it (``_patch_state``).
+
+    Parameters
+    ----------
+    backend_name : str
+        The backend the original was patched with (``"auto"`` picks again for wherever the copy now lives).
+    """
+
+    plan = None  # no call has run on the copy yet
+
+    def __init__(self, backend_name: str):
+        self.backend_name = backend_name
+
+
+_REPATCH_LOCK = threading.Lock()
+"""Serialises the re-patching of copies (two threads may make the first call on one copy at once)."""
 
 
 def _lora_root(model: object) -> torch.nn.Module:
@@ -160,18 +234,47 @@ def patch_model(model: PeftModel, backend: str = "auto") -> PeftModel:
         If it has no LoRA layers, or ``backend`` is not a backend name.
     RuntimeError
         If the backend cannot run here.
+
+    Notes
+    -----
+    Where autograd must record a layer (grad mode on, and its input or weights require grad), that layer takes
+    PEFT's own mixed-batch path, so gradients are PEFT's; inference under ``torch.no_grad()`` (``generate`` always)
+    takes the packed path. Copies (``copy.deepcopy``, ``pickle``, ``torch.save``) re-patch themselves on their first
+    call.
     """
     lora_model = _lora_root(model)
-    state = lora_model.__dict__.get("_fastlora_state")
-    if state is not None:
-        _switch_backend(state, backend)
+    if "_fastlora_state" in lora_model.__dict__:
+        _switch_backend(_patch_state(lora_model), backend)
         return model
-    lora_layers, fast = _sync_layers(lora_model, None, warn=True)
+    state = _new_state(lora_model, backend, warn=True)
+    if isinstance(lora_model, LoraModel):
+        # An instance attribute shadows LoraModel's method for this model only; PeftModel calls it by name.
+        lora_model._enable_peft_forward_hooks = functools.partial(_mixed_batch_context, lora_model)
+    else:
+        for method in _NATIVE_METHODS:
+            setattr(lora_model, method, _NativeMethod(lora_model, method, getattr(lora_model, method)))
+    logger.info(
+        "peft_fastlora: patched %d LoRA layers, backend %s", len(state.bank.fast_layers), type(state.backend).__name__
+    )
+    return model
+
+
+def _switch_backend(state: PatchState, backend: str) -> None:
+    """Patching again with another backend name switches the backend of every model sharing ``state``."""
+    if backend != state.backend_name:
+        state.backend = get_backend(backend, state.plan_buffers.device)
+        state.backend_name = backend
+
+
+def _new_state(lora_model: torch.nn.Module, backend: str, warn: bool = False) -> PatchState:
+    """Patch ``lora_model``'s layers and attach a patch state (bank packed, plan empty); return the state.
+
+    A PeftModel that re-wraps the base of a patched one (``PeftModel.from_pretrained(m1.get_base_model(), ...)``)
+    holds m1's very LoRA layers: PEFT adds the new adapter to them and both models keep serving every adapter. The
+    layers can read one plan only, so the new model shares m1's state (bank, plans, lock, backend)."""
+    lora_layers, fast = _sync_layers(lora_model, None, warn=warn)
     if not lora_layers:
         raise ValueError("patch_model found no LoRA layers in this model.")
-    # A PeftModel that re-wraps the base of a patched one (``PeftModel.from_pretrained(m1.get_base_model(), ...)``)
-    # holds m1's very LoRA layers: PEFT adds the new adapter to them and both models keep serving every adapter.
-    # The layers can read one plan only, so the new model shares m1's state (bank, plan, lock, backend).
     states = {id(layer._fastlora_state): layer._fastlora_state for layer in fast if is_fast_layer(layer)}
     states = list(states.values())
     if len(states) > 1:
@@ -191,21 +294,18 @@ def patch_model(model: PeftModel, backend: str = "auto") -> PeftModel:
     _, state.bank.fast_layers = _sync_layers(lora_model, state)  # again, now that the state exists: sibling groups
     state.bank.refresh()
     lora_model._fastlora_state = state
-    if isinstance(lora_model, LoraModel):
-        # An instance attribute shadows LoraModel's method for this model only; PeftModel calls it by name.
-        lora_model._enable_peft_forward_hooks = functools.partial(_mixed_batch_context, lora_model)
-    else:
-        for method in _NATIVE_METHODS:
-            setattr(lora_model, method, _native_wrapper(lora_model, method))
-    logger.info("peft_fastlora: patched %d LoRA layers, backend %s", len(fast), type(state.backend).__name__)
-    return model
+    return state
 
 
-def _switch_backend(state: PatchState, backend: str) -> None:
-    """Patching again with another backend name switches the backend of every model sharing ``state``."""
-    if backend != state.backend_name:
-        state.backend = get_backend(backend, state.plan_buffers.device)
-        state.backend_name = backend
+def _patch_state(lora_model: torch.nn.Module) -> PatchState:
+    """``lora_model``'s patch state; a copy's pending state is replaced by a fresh patch first."""
+    state = lora_model.__dict__["_fastlora_state"]
+    if isinstance(state, _PendingPatch):
+        with _REPATCH_LOCK:
+            state = lora_model.__dict__["_fastlora_state"]
+            if isinstance(state, _PendingPatch):
+                state = _new_state(lora_model, state.backend_name)
+    return state
 
 
 def unpatch_model(model: PeftModel) -> PeftModel:
@@ -222,19 +322,28 @@ def unpatch_model(model: PeftModel) -> PeftModel:
 
 
 def _validate_names(lora_model: LoraModel, bank: AdapterBank, adapter_names: object, kwargs: dict) -> list[str]:
-    """PEFT's checks on ``adapter_names``, in PEFT's order and with PEFT's messages (plus an empty batch, which
-    PEFT lets fail inside the model); returns them as a list."""
-    if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(name, str) for name in adapter_names):
+    """PEFT's checks on ``adapter_names``, in PEFT's order and with PEFT's messages; returns them as a list of str.
+
+    PEFT accepts any sequence of names (a list, a tuple, a numpy array of str). Where an entry is not a str (None,
+    a number, bytes), PEFT fails while it words its unknown-adapter error, with the TypeError of that wording, and so
+    does this (``peft_messages.unknown_adapters`` words it the same way). Beyond PEFT: a single str, or anything
+    that is not a sequence, gets PEFT's type error (PEFT gives it under beam search only, and otherwise takes a str
+    as one name per character); an empty batch gets a clear error (PEFT fails deep inside the model)."""
+    is_array = isinstance(adapter_names, np.ndarray) and adapter_names.ndim == 1
+    if isinstance(adapter_names, (str, bytes)) or not (isinstance(adapter_names, Sequence) or is_array):
         raise peft_messages.not_a_list(adapter_names)
-    inputs = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
-    if not adapter_names and (inputs is None or len(inputs) == 0):
-        raise peft_messages.empty_batch()
     if lora_model.training:
         raise peft_messages.training_mode()
     unique = {name for name in adapter_names if name != peft_messages.BASE_ADAPTER_NAME}
     unknown = unique - bank.adapter_names()
     if unknown:
         raise peft_messages.unknown_adapters(unknown, bank.adapter_names())
+    num_beams = kwargs.get("num_beams")
+    if isinstance(num_beams, int) and num_beams > 1 and not isinstance(adapter_names, (list, tuple)):
+        raise peft_messages.not_a_list(adapter_names)  # PEFT's check before it repeats the names for the beams
+    inputs = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+    if len(adapter_names) == 0 and (inputs is None or len(inputs) == 0):
+        raise peft_messages.empty_batch()
     for layer in bank.lora_layers:
         if layer.merged:
             raise peft_messages.merged_adapters()
@@ -242,7 +351,7 @@ def _validate_names(lora_model: LoraModel, bank: AdapterBank, adapter_names: obj
         served = dora_adapters(layer) if is_fast_layer(layer) else set()
         if any(layer.use_dora.get(name, False) and name not in served for name in unique):
             raise peft_messages.dora_enabled()
-    return list(adapter_names)
+    return [str(name) for name in adapter_names]  # numpy's str_ entries become plain str
 
 
 def _expand_size(lora_model: torch.nn.Module, kwargs: dict) -> int:
@@ -254,7 +363,11 @@ def _expand_size(lora_model: torch.nn.Module, kwargs: dict) -> int:
     return max(int(num_beams), int(num_return_sequences))
 
 
-def _inject_adapter_names(module, args, kwargs, adapter_names):
+def _inject_adapter_names(module, args, kwargs, state: PatchState, plan: BatchPlan, adapter_names: list[str]):
+    """PEFT's pre-forward hook, for one call: module hooks are seen by every call in flight (other threads, calls
+    nested inside this one), so the names go in only where this call is the innermost one of the running thread."""
+    if state.plan is not plan:
+        return None
     kwargs["adapter_names"] = adapter_names
     return args, kwargs
 
@@ -274,37 +387,55 @@ _NATIVE_METHODS = ("forward", "generate")
 """The methods of a transformers model (adapters loaded by transformers) that the patch wraps on the instance."""
 
 
-def _native_wrapper(model: PreTrainedModel, name: str):
+class _NativeMethod:
     """``model.<name>`` for a patched transformers model: ``adapter_names`` is taken off the call and served by the
-    same context as PeftModel's (transformers would reject it, or ignore it). It keeps the wrapped method's
-    signature (``functools.wraps``), which transformers inspects to validate generate's kwargs."""
-    method = getattr(model, name)
+    same context as PeftModel's (transformers would reject it, or ignore it).
 
-    @functools.wraps(method)
-    def call(*args, **kwargs):
-        with _mixed_batch_context(model, *args, **kwargs):
+    It keeps the wrapped method's signature (``functools.update_wrapper``), which transformers inspects to validate
+    generate's kwargs. It is an object rather than a closure so that a copy of the model gets a wrapper bound to the
+    copy (``copy.deepcopy`` would share a closure, and ``pickle`` refuses one).
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        The patched model.
+    name : str
+        ``"forward"`` or ``"generate"``.
+    method : callable
+        What ``model.<name>`` was before the patch.
+    """
+
+    def __init__(self, model: PreTrainedModel, name: str, method):
+        self.model, self.name, self.method = model, name, method
+        functools.update_wrapper(self, method)
+
+    def __call__(self, *args, **kwargs):
+        with _mixed_batch_context(self.model, *args, **kwargs):
             kwargs.pop("adapter_names", None)
-            return method(*args, **kwargs)
+            return self.method(*args, **kwargs)
 
-    return call
+    def __reduce__(self):
+        return _NativeMethod, (self.model, self.name, self.method)
 
 
 @contextmanager
 def _mixed_batch_context(lora_model: torch.nn.Module, *args, **kwargs):
     """The patched ``LoraModel._enable_peft_forward_hooks``: one plan per model call, read by every fast layer.
 
-    Every call on the patched model, with ``adapter_names`` or without, holds the state's lock: the plan is shared
-    by all layers, so a call from another thread running at the same time would read this call's plan. Calls
-    from several threads therefore run one at a time, each with exactly its own rows' adapters."""
-    state: PatchState = lora_model._fastlora_state
+    The call's plan is this thread's current plan for the length of the call (restored after, so that a call made
+    inside another, e.g. by a logits processor, leaves the outer one's plan as it was). A call without
+    ``adapter_names`` leaves the current plan alone: on its own it is a plain call (no plan on this thread), and
+    made inside a mixed call it serves the outer call's rows, as in PEFT, whose hooks stay on every LoRA layer for
+    the outer call's length (transformers' own ``generate`` calls ``forward`` this way on a native model). The lock
+    is held only while the bank and the layer list are brought up to date and while a plan is taken."""
+    state = _patch_state(lora_model)
     adapter_names = kwargs.get("adapter_names")
     if adapter_names is None or kwargs.get("alora_offsets") is not None:
-        with state.lock:
-            if isinstance(lora_model, LoraModel):
-                with LoraModel._enable_peft_forward_hooks(lora_model, *args, **kwargs):
-                    yield
-            else:
+        if isinstance(lora_model, LoraModel):
+            with LoraModel._enable_peft_forward_hooks(lora_model, *args, **kwargs):
                 yield
+        else:
+            yield
         return
     with state.lock:
         lora_layers, fast = _sync_layers(lora_model, state)
@@ -312,12 +443,19 @@ def _mixed_batch_context(lora_model: torch.nn.Module, *args, **kwargs):
         bank.lora_layers, bank.fast_layers = lora_layers, fast
         names = _validate_names(lora_model, bank, adapter_names, kwargs)
         bank.refresh()
-        expand = _expand_size(lora_model, kwargs)
-        state.plan_buffers.fill(bank.slot_ids(names), expand)
+        slots = bank.slot_ids(names)
+    expand = _expand_size(lora_model, kwargs)
+    local = state._local
+    outer, outer_hooks = getattr(local, "plan", None), getattr(local, "peft_hooks", False)
+    plan = state.take_plan()
+    handles = []
+    try:
+        plan.fill(slots, expand)  # this call's plan alone: no lock needed
         expanded_names = [name for name in names for _ in range(expand)]
-        handles = [
+        handles += [
             module.register_forward_pre_hook(
-                functools.partial(_inject_adapter_names, adapter_names=expanded_names), with_kwargs=True
+                functools.partial(_inject_adapter_names, state=state, plan=plan, adapter_names=expanded_names),
+                with_kwargs=True,
             )
             for module in _peft_path_modules(lora_model, state, set(names))
         ]
@@ -326,27 +464,37 @@ def _mixed_batch_context(lora_model: torch.nn.Module, *args, **kwargs):
             # The encoder runs on the rows before expansion (as in PEFT): hook its modules again with the originals.
             handles += [
                 module.register_forward_pre_hook(
-                    functools.partial(_inject_adapter_names, adapter_names=names), with_kwargs=True
+                    functools.partial(_inject_adapter_names, state=state, plan=plan, adapter_names=names),
+                    with_kwargs=True,
                 )
                 for module in _peft_path_modules(encoder, state, set(names))
             ]
-        state.plan, state.peft_hooks = state.plan_buffers, bool(handles)
-        try:
-            if handles:
-                # PEFT-path modules get their names through forward hooks, and dynamo by default does not guard on
-                # hooks: a graph compiled with another call's hooks would be replayed silently, so guard on them.
-                with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
-                    yield
-            else:
-                # No hooks: hook guards on ~1,500 modules would cost ~2 ms of host time per compiled decode step.
-                # A graph compiled here is still never replayed for a call with hooks: the fast layers read
-                # state.peft_hooks, which dynamo guards on.
+        local.plan, local.peft_hooks = plan, bool(handles)
+        if handles:
+            # PEFT-path modules get their names through forward hooks, and dynamo by default does not guard on
+            # hooks: a graph compiled with another call's hooks would be replayed silently, so guard on them.
+            with _hook_guards():
                 yield
-        finally:
-            state.plan, state.peft_hooks = None, False
-            bank.forget_inputs()
-            for handle in handles:
-                handle.remove()
+        else:
+            # No hooks: hook guards on ~1,500 modules would cost ~2 ms of host time per compiled decode step. A
+            # graph compiled here is still never replayed for a call with hooks: the fast layers read
+            # state.peft_hooks, which dynamo guards on.
+            yield
+    finally:
+        local.plan, local.peft_hooks = outer, outer_hooks
+        bank.forget_inputs()
+        for handle in handles:
+            handle.remove()
+        state.give_back(plan)
+
+
+@functools.cache
+def _hook_guards():
+    """One reusable ``torch._dynamo.config.patch(skip_nnmodule_hook_guards=False)`` for every call. A fresh patch
+    object per call leaked: each one makes a ContextVar that the thread's context keeps for good (~290 bytes a
+    call). The patch is re-entrant and per thread (its saved values live in a ContextVar), so one object serves
+    nested calls and calls from several threads."""
+    return torch._dynamo.config.patch(skip_nnmodule_hook_guards=False)
 
 
 def _encoder(model: torch.nn.Module) -> torch.nn.Module | None:

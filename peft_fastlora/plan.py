@@ -149,16 +149,18 @@ class BatchPlan:
         rows = len(self.slots)
         sorted_rows, groups = _segments(self.slots)
         self._ensure_capacity(rows)
-        host = self._staging
-        host[:rows] = torch.tensor(self.slots, dtype=torch.int32)
+        # Written through a numpy view of the staging buffer: a torch.tensor per section per call left a slowly
+        # growing residue of small Python allocations inside torch (tracemalloc, tests/test_calls.py).
+        host = self._staging.numpy()
+        host[:rows] = self.slots
         cap = self.capacity
-        host[cap : cap + len(sorted_rows)] = torch.tensor(sorted_rows, dtype=torch.int32)
+        host[cap : cap + len(sorted_rows)] = sorted_rows
         for column, values in enumerate(zip(*groups, strict=True) if groups else ((), (), ())):
             start = (2 + column) * cap
-            host[start : start + len(groups)] = torch.tensor(values, dtype=torch.int32)
+            host[start : start + len(groups)] = values
         host[_SECTIONS * cap] = len(groups)
         # A blocking copy, once per call: the staging buffer is reused by the next call, so the copy must be done.
-        self._buffer.copy_(host)
+        self._buffer.copy_(self._staging)
         self._groups, self._num_sorted, self._copies = groups, len(sorted_rows), {}
         self._views = {(rows, self.device): self._row_view(self.device)}
         self._input_plan = None
