@@ -21,6 +21,10 @@ def load_results(paths: list[str]) -> tuple[dict, list[dict]]:
         data = json.loads(Path(path).read_text())
         meta = meta or data["meta"] | {"args": data["args"]}
         for result in data["results"]:
+            # Runs of both adapter dtypes are kept apart: the mode reads "eager, fp32 adapters" for PEFT's default.
+            result = dict(result)
+            if result.get("adapter_dtype", "model") != "model":
+                result["mode"] = f"{result['mode']}, {result['adapter_dtype']} adapters"
             merged[(result["mode"], result["batch"], result["distinct_adapters"], result["row"])] = result
     return meta, list(merged.values())
 
@@ -58,27 +62,30 @@ def markdown_table(meta: dict, results: list[dict]) -> str:
 
 
 def plot(results: list[dict], path: str) -> None:
-    """tok/s against distinct adapters: one panel per (mode, batch), one line per row."""
+    """tok/s against distinct adapters: one panel per (mode, batch), a group of bars per adapter count, one bar per
+    row (bars rather than lines, so that a run of one adapter count still reads)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on the machines this runs on
     import matplotlib.pyplot as plt
 
     panels = sorted({(r["mode"], r["batch"]) for r in results}, key=_config_order)
-    figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False)
+    rows = sorted({r["row"] for r in results}, key=_row_order)
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
     for axis, (mode, batch) in zip(axes[0], panels, strict=True):
-        for row in sorted({r["row"] for r in results}, key=_row_order):
-            points = sorted(
-                (r["distinct_adapters"], r["tok_s"])
+        counts = sorted({r["distinct_adapters"] for r in results if (r["mode"], r["batch"]) == (mode, batch)})
+        width = 0.8 / len(rows)
+        for index, row in enumerate(rows):
+            by_count = {
+                r["distinct_adapters"]: r["tok_s"]
                 for r in results
                 if (r["mode"], r["batch"], r["row"]) == (mode, batch, row)
-            )
-            if points:
-                axis.plot(*zip(*points, strict=True), marker="o", label=row)
-        axis.set(
-            title=f"{mode}, batch {batch}", xlabel="distinct adapters", ylabel="tok/s", xscale="log", yscale="log"
-        )
-        axis.grid(True, which="both", alpha=0.3)
+            }
+            positions = [slot + (index - (len(rows) - 1) / 2) * width for slot in range(len(counts))]
+            axis.bar(positions, [by_count.get(count, 0) for count in counts], width, label=row)
+        axis.set_xticks(range(len(counts)), [str(count) for count in counts])
+        axis.set(title=f"{mode}, batch {batch}", xlabel="distinct adapters", ylabel="tok/s")
+        axis.grid(True, axis="y", alpha=0.3)
     axes[0][0].legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -97,7 +104,8 @@ def _row_order(row: str) -> tuple:
 
 
 def _config_order(config: tuple) -> tuple:
-    return (["eager", "compiled"].index(config[0]), *config[1:])
+    mode, _, dtype = config[0].partition(", ")
+    return (["eager", "compiled"].index(mode), dtype, *config[1:])
 
 
 def main() -> None:
