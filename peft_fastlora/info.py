@@ -83,10 +83,11 @@ def _state(model: object):
     """The patch state of a PeftModel (on its LoraModel) or of a transformers model with adapters, or None."""
     if not isinstance(model, torch.nn.Module):
         return None
+    from .patch import _patch_state
+
     root = getattr(model, "base_model", None)
     for candidate in (root, model):
-        if isinstance(candidate, torch.nn.Module):
-            state = candidate.__dict__.get("_fastlora_state")
-            if state is not None:
-                return state
+        if isinstance(candidate, torch.nn.Module) and candidate.__dict__.get("_fastlora_state") is not None:
+            # A copy (deepcopy, pickle) holds a pending state until its first call: patch it now, as that call would.
+            return _patch_state(candidate)
     return None

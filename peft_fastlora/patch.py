@@ -246,6 +246,7 @@ def patch_model(model: PeftModel, backend: str = "auto") -> PeftModel:
     if "_fastlora_state" in lora_model.__dict__:
         _switch_backend(_patch_state(lora_model), backend)
         return model
+    _remove_leaked_peft_hooks(lora_model)
     state = _new_state(lora_model, backend, warn=True)
     if isinstance(lora_model, LoraModel):
         # An instance attribute shadows LoraModel's method for this model only; PeftModel calls it by name.
@@ -257,6 +258,19 @@ def patch_model(model: PeftModel, backend: str = "auto") -> PeftModel:
         "peft_fastlora: patched %d LoRA layers, backend %s", len(state.bank.fast_layers), type(state.backend).__name__
     )
     return model
+
+
+def _remove_leaked_peft_hooks(lora_model: torch.nn.Module) -> None:
+    """Remove PEFT's ``adapter_names`` pre-forward hooks that a failed mixed call of plain PEFT left on the modules.
+
+    PEFT registers them for the length of a call and does not remove them when the call raises (e.g. its length
+    error for ``num_return_sequences`` with sampling); every later call of the model then hands stale names to
+    its layers, and the patched layers' base ``nn.Linear`` would be called with ``adapter_names``."""
+    for module in lora_model.modules():
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if getattr(getattr(hook, "func", None), "__name__", "") == "_adapter_names_pre_forward_hook":
+                del module._forward_pre_hooks[key]
+                module._forward_pre_hooks_with_kwargs.pop(key, None)
 
 
 def _switch_backend(state: PatchState, backend: str) -> None:

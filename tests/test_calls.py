@@ -399,3 +399,28 @@ def test_no_memory_kept_per_call(adapter_dirs):
     growth = sum(stat.size_diff for stat in stats)
     worst = "\n".join(stats[0].traceback.format()) if stats else ""
     assert growth < 4096, f"{growth} bytes kept over {calls} calls; most from:\n{worst}"
+
+
+@torch.no_grad()
+def test_patch_after_a_failed_plain_peft_call(adapter_dirs):
+    """Plain PEFT leaves its adapter_names hooks on the model when a mixed call raises (here its length error for
+    num_return_sequences with sampling); patching such a model removes them, so mixed calls work."""
+    model = load("llama", adapter_dirs)
+    names = ["a", "b", "__base__", "c"]
+    batch = tiny.random_prompts(len(names), 4, seed=21)
+    with pytest.raises(ValueError, match="Length of `adapter_names`"):
+        model.generate(**batch, adapter_names=names, do_sample=True, num_return_sequences=2, max_new_tokens=2)
+    oracle = load("llama", adapter_dirs)
+    patch_model(model, backend="torch")
+    assert_close_relative(model(**batch, adapter_names=names).logits, oracle(**batch, adapter_names=names).logits)
+
+
+def test_patch_info_of_a_fresh_copy(adapter_dirs):
+    """patch_info on a copy that has not been called yet reports the copy's own patch."""
+    from peft_fastlora import patch_info
+
+    model = patch_model(load("llama", adapter_dirs), backend="torch")
+    copied = copy.deepcopy(model)
+    info = patch_info(copied)
+    assert info.patched and info.backend == "torch" and info.adapters == ("a", "b", "c")
+    assert copied.base_model._fastlora_state is not model.base_model._fastlora_state
