@@ -105,9 +105,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         "demo",
         help="run a mixed-adapter batch on a tiny model and check it against PEFT",
         description=(
-            "Build a tiny Llama-shaped model from a config (no download), create three LoRA adapters of ranks 4, "
-            "8 and 16, save and load them, generate greedily for one batch whose rows use different adapters (one "
-            "row uses none), and check the tokens against unpatched PEFT. Exit status 0 when they match."
+            "Build a tiny model (Llama by default, see --architecture) from a config (no download), create three "
+            "LoRA adapters of ranks 4, 8 and 16, save and load them, generate greedily for one batch whose rows use "
+            "different adapters (one row uses none), and check the tokens against unpatched PEFT. Exit status 0 "
+            "when they match."
         ),
     )
     demo.add_argument(

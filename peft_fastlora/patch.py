@@ -255,7 +255,7 @@ def patch_model(model: PeftModel, backend: str = "auto") -> PeftModel:
         for method in _NATIVE_METHODS:
             setattr(lora_model, method, _NativeMethod(lora_model, method, getattr(lora_model, method)))
     logger.info(
-        "peft_fastlora: patched %d LoRA layers, backend %s", len(state.bank.fast_layers), type(state.backend).__name__
+        "peft_fastlora: patched %d LoRA layers, backend %r", len(state.bank.fast_layers), state.backend.name
     )
     return model
 

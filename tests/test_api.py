@@ -99,7 +99,7 @@ def test_patch_info_reports_backend_and_reason(adapter_dirs, caplog):
     assert info.adapters == ("a", "b", "c") and info.fast_layers == info.lora_layers == fast_layer_count(model)
     assert str(info).startswith("patched by peft_fastlora: backend 'torch' (requested 'auto': the model is on cpu")
     patch_model(model, backend="torch")
-    assert patch_info(model).requested == "torch" and patch_info(model).reason == "requested (backend='torch')"
+    assert patch_info(model).requested == "torch" and patch_info(model).reason == "asked for by name"
     unpatch_model(model)
     assert not patch_info(model).patched
 

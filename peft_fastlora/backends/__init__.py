@@ -63,7 +63,7 @@ def get_backend(name: str, device: torch.device):
     if name not in BACKEND_NAMES:
         raise ValueError(f"Unknown peft_fastlora backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}.")
     if name == "torch":
-        return _with_reason(TorchBackend(), "requested (backend='torch')")
+        return _with_reason(TorchBackend(), "asked for by name")
     if name == "auto" and device.type != "cuda":
         return _chosen(TorchBackend(), f"the model is on {device.type}, not CUDA; Triton kernels need CUDA")
     why = _triton_problem(device)
@@ -71,7 +71,7 @@ def get_backend(name: str, device: torch.device):
         from .triton import TritonBackend
 
         if name == "triton":
-            return _with_reason(TritonBackend(), "requested (backend='triton')")
+            return _with_reason(TritonBackend(), "asked for by name")
         return _chosen(TritonBackend(), "the model is on CUDA and Triton is installed")
     if name == "triton":
         raise _unavailable(name, why)
