@@ -254,9 +254,7 @@ def patch_model(model: PeftModel, backend: str = "auto") -> PeftModel:
     else:
         for method in _NATIVE_METHODS:
             setattr(lora_model, method, _NativeMethod(lora_model, method, getattr(lora_model, method)))
-    logger.info(
-        "peft_fastlora: patched %d LoRA layers, backend %r", len(state.bank.fast_layers), state.backend.name
-    )
+    logger.info("peft_fastlora: patched %d LoRA layers, backend %r", len(state.bank.fast_layers), state.backend.name)
     return model
 
 
