@@ -154,3 +154,30 @@ def oracle_batch(names: list, device, rows: int = 128, length: int = 256) -> tup
     one point is several standard deviations (at ~100 positions one flipped near-tie is a point)."""
     batch = {key: value.to(device) for key, value in tiny.random_prompts(rows, length, seed=11).items()}
     return batch, [names[row % len(names)] for row in range(rows)]
+
+
+def run_at_once(work, threads: int, rounds: int) -> dict[int, list]:
+    """Run ``work(index)`` ``rounds`` times in each of ``threads`` threads released together; return each thread's
+    results by index. The first error a thread raised is raised here."""
+    import threading
+
+    results: dict[int, list] = {index: [] for index in range(threads)}
+    errors: list[BaseException] = []
+    start = threading.Barrier(threads)
+
+    def worker(index: int) -> None:
+        try:
+            start.wait()
+            for _ in range(rounds):
+                results[index].append(work(index))
+        except BaseException as error:  # reported by the calling thread
+            errors.append(error)
+
+    started = [threading.Thread(target=worker, args=(index,)) for index in range(threads)]
+    for thread in started:
+        thread.start()
+    for thread in started:
+        thread.join(timeout=300)
+    if errors:
+        raise errors[0]
+    return results

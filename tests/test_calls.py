@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import assert_close_relative, interpreted, load
+from helpers import assert_close_relative, interpreted, load, run_at_once
 from transformers import LogitsProcessor, LogitsProcessorList
 
 import peft_fastlora
@@ -141,6 +141,13 @@ class NestedCall(LogitsProcessor):
         return scores
 
 
+def generate_nested(model, batch, inner) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A mixed greedy ``generate`` with a ``NestedCall(model, inner)`` processor: its tokens and the inner logits."""
+    processor = NestedCall(model, inner)
+    tokens = model.generate(**batch, adapter_names=NAMES, logits_processor=LogitsProcessorList([processor]), **GREEDY)
+    return tokens, processor.logits
+
+
 def all_base(rows: int) -> list[str]:
     return ["__base__"] * rows
 
@@ -157,14 +164,9 @@ def test_call_inside_generate_leaves_the_outer_call_alone(inner, adapter_dirs):
     oracle = load("llama", adapter_dirs)
     model = patch_model(load("llama", adapter_dirs), backend="torch")
     batch = tiny.random_prompts(len(NAMES), 5, seed=5)
-    results = []
-    for each in (oracle, model):
-        processor = NestedCall(each, inner)
-        tokens = each.generate(
-            **batch, adapter_names=NAMES, logits_processor=LogitsProcessorList([processor]), **GREEDY
-        )
-        results.append((tokens, processor.logits))
-    (expected_tokens, expected_logits), (tokens, logits) = results
+    (expected_tokens, expected_logits), (tokens, logits) = [
+        generate_nested(each, batch, inner) for each in (oracle, model)
+    ]
     assert torch.equal(tokens, expected_tokens)
     assert len(logits) == len(expected_logits) == GREEDY["max_new_tokens"]
     for actual, expected in zip(logits, expected_logits, strict=True):
@@ -181,14 +183,9 @@ def test_call_without_names_inside_generate_is_peft_behaviour(native, adapter_di
     for each in (oracle, model):
         each.set_adapter("b")
     batch = tiny.random_prompts(len(NAMES), 5, seed=6)
-    results = []
-    for each in (oracle, model):
-        processor = NestedCall(each, None)
-        tokens = each.generate(
-            **batch, adapter_names=NAMES, logits_processor=LogitsProcessorList([processor]), **GREEDY
-        )
-        results.append((tokens, processor.logits))
-    (expected_tokens, expected_logits), (tokens, logits) = results
+    (expected_tokens, expected_logits), (tokens, logits) = [
+        generate_nested(each, batch, None) for each in (oracle, model)
+    ]
     assert torch.equal(tokens, expected_tokens)
     for actual, expected in zip(logits, expected_logits, strict=True):
         assert_close_relative(actual, expected)
@@ -245,23 +242,7 @@ def test_concurrent_calls_with_peft_path_modules(tmp_path):
     assignments = [["y", "x", "__base__", "y"], ["x", "x", "y", "__base__"], ["__base__", "y", "x", "x"]]
     batches = [tiny.random_prompts(4, 5, seed=seed) for seed in range(len(assignments))]
     expected = [mixed_logits(oracle, batch, names) for batch, names in zip(batches, assignments, strict=True)]
-    results, errors = {index: [] for index in range(len(assignments))}, []
-    start = threading.Barrier(len(assignments))
-
-    def worker(index):
-        try:
-            start.wait()
-            for _ in range(8):
-                results[index].append(mixed_logits(model, batches[index], assignments[index]))
-        except BaseException as error:  # reported below
-            errors.append(error)
-
-    threads = [threading.Thread(target=worker, args=(index,)) for index in range(len(assignments))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=300)
-    assert not errors, errors
+    results = run_at_once(lambda index: mixed_logits(model, batches[index], assignments[index]), len(assignments), 8)
     for index, outputs in results.items():
         for output in outputs:
             assert_close_relative(output, expected[index])

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
-from helpers import load
+from helpers import load, run_at_once
 
 from peft_fastlora import patch_model, tiny
 
@@ -35,24 +33,7 @@ def test_concurrent_generate_gets_own_rows(native, adapter_dirs):
     batches = [tiny.random_prompts(4, 6, seed=seed) for seed in range(len(ASSIGNMENTS))]
     expected = [call(model, batch, names) for batch, names in zip(batches, ASSIGNMENTS, strict=True)]
     rounds = 5
-    results: dict[int, list[torch.Tensor]] = {index: [] for index in range(len(ASSIGNMENTS))}
-    errors: list[BaseException] = []
-    start = threading.Barrier(len(ASSIGNMENTS))
-
-    def worker(index: int) -> None:
-        try:
-            start.wait()
-            for _ in range(rounds):
-                results[index].append(call(model, batches[index], ASSIGNMENTS[index]))
-        except BaseException as error:  # reported by the main thread
-            errors.append(error)
-
-    threads = [threading.Thread(target=worker, args=(index,)) for index in range(len(ASSIGNMENTS))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=300)
-    assert not errors, errors
+    results = run_at_once(lambda index: call(model, batches[index], ASSIGNMENTS[index]), len(ASSIGNMENTS), rounds)
     for index, outputs in results.items():
         assert len(outputs) == rounds
         for output in outputs:
