@@ -1,139 +1,70 @@
-"""The adapter bank: one model-wide adapter-name → slot map, and each layer's adapters packed for the kernels.
+"""The adapter bank: one model-wide adapter-name → slot map, and each layer's adapters in one packed storage that
+PEFT's own parameters are views of.
 
-Packing layout, per layer (``PackedLora``)::
+Storage, per layer (``PackedLora``)::
 
-    a    [R, in]   the lora_A rows of every adapter, stacked adapter after adapter (Embedding: in = vocabulary)
-    b_t  [R, out]  the transposed lora_B of every adapter, in the same order, with PEFT's scaling folded in
+    a    [R, in]         the lora_A rows of every adapter, adapter after adapter (Embedding: in = vocabulary)
+    b    [R * out]       every adapter's lora_B, each one a contiguous [out, r] block in PEFT's own layout
 
-where ``R`` is the sum of the ranks of the adapters that this layer holds. Adapter ``s`` owns rows
-``offsets[s] : offsets[s] + ranks[s]`` of both; an adapter the layer does not hold has rank 0. No rank is padded,
-so a rank-8 adapter beside a rank-64 one costs 8 rows, not 64.
+``R`` is the sum of the ranks the layer holds; adapter ``s`` owns rows ``a_offsets[s] : a_offsets[s] + ranks[s]``
+of ``a`` and elements ``b_offsets[s] * out : (b_offsets[s] + ranks[s]) * out`` of ``b``. No rank is padded.
+Siblings that read one input (q/k/v, gate/up) share one ``a``: per slot, the members' rows side by side, so one
+shrink over it yields every member's ``h`` (``SiblingGroup``) and there is no second copy of lora_A.
 
-The packing is a copy of PEFT's parameters, so it must follow them: every mixed-batch call first calls
-``AdapterBank.refresh``, which compares a cheap fingerprint of each layer's adapters (names, storage pointers,
-in-place version counters and scalings) with the one it packed from, and repacks only the layers that changed.
-That catches ``load_adapter``, ``add_adapter``, ``delete_adapter``, ``param.data = ...`` and in-place
-``copy_``/``load_state_dict`` alike.
+The storage is the only copy. Packing copies each adapter in once and then points its parameters at their rows
+(``param.data = view``: the Parameter objects, and so optimizers and user references, stay the same). Any in-place
+edit afterwards (``param.data.copy_``, an optimizer step, a NumPy view, ``load_state_dict``) writes into the
+storage the kernels read, so there is nothing to go stale and nothing to compare per weight. PEFT's scaling stays
+out of the stored values (``scales``, applied by the kernels), so the views hold exactly PEFT's values and
+``save_pretrained`` writes exactly PEFT's bytes.
+
+What the views cannot see are structural changes: a parameter that no longer points into the storage
+(``add_adapter``/``load_adapter``/``delete_adapter`` make new parameters; ``param.data = tensor``, ``model.to``
+and ``load_state_dict(assign=True)`` replace the data), and a changed scaling (``set_scale``). ``AdapterBank.refresh``
+checks, per call, each layer's adapter names and each parameter's identity and data pointer (the storage is
+alive, so no other tensor can own that address), repacks the layers whose parameters moved, and rewrites the
+per-slot scales that changed. DoRA's rescale is derived from the weights, so it is recomputed on every call, as
+PEFT recomputes it on every forward.
 """
 
 from __future__ import annotations
 
-import functools
+import collections
 import warnings
 from dataclasses import dataclass
 
 import torch
 from peft.tuners.lora import LoraLayer
 
-from .dora import DoraScales, dora_adapters, dora_scales
+from .dora import DoraScales, dora_adapters, dora_scales, refresh_dora_scales
 from .peft_messages import BASE_ADAPTER_NAME
 
 BASE_SLOT = -1
 """The slot id of a ``"__base__"`` row: no LoRA."""
 
 
-@dataclass
-class PackedLora:
-    """One layer's adapters packed without padding.
+class SiblingGroup:
+    """The shared lora_A storage of layers that read one input (q/k/v, gate/up), and their shared shrink output.
 
     Attributes
     ----------
     a : torch.Tensor
-        ``[R, in]``, the lora_A rows of all adapters, stacked in slot order.
-    b_t : torch.Tensor
-        ``[R, out]``, ``scaling * lora_B.T`` of all adapters, stacked in slot order.
-    offsets, ranks : list[int]
-        Per slot: the first row of that adapter in ``a``/``b_t`` and its rank (0 where the layer lacks it).
+        ``[R, in]``; per slot, every member's lora_A rows back to back.
     offsets_dev, ranks_dev : torch.Tensor
-        The same as int32 tensors on the weights' device, for kernels.
-    column_slots : torch.Tensor
-        int32 ``[R]``, the slot that owns each packed row (for the assignment-independent compiled torch path);
-        derived from ``ranks`` when not given.
-    dora : DoraScales or None
-        The per-slot DoRA rescale where this layer holds DoRA adapters (see ``peft_fastlora.dora``).
+        int32 ``[num_slots]``: where each slot's rows start in ``a``, and all members' ranks of that slot summed.
+    max_rank : int
+        The largest summed rank.
+
+    The leader (the first member called in a forward) shrinks against ``a`` and remembers its input; a member
+    called with the same input object reuses the result and only runs its expand; the last member releases it.
     """
 
-    a: torch.Tensor
-    b_t: torch.Tensor
-    offsets: list[int]
-    ranks: list[int]
-    offsets_dev: torch.Tensor
-    ranks_dev: torch.Tensor
-    column_slots: torch.Tensor | None = None
-    dora: DoraScales | None = None
-    # Set when the layer belongs to a sibling group (see SiblingGroup): the group, whether this layer leads it or
-    # closes it, and int32 [num_slots] columns where this layer's part of each slot starts in the group's shrink
-    # output.
-    group: SiblingGroup | None = None
-    leader: bool = False
-    last: bool = False
-    h_cols: torch.Tensor | None = None
-
-    def __post_init__(self) -> None:
-        if self.column_slots is None:
-            owners = [slot for slot, rank in enumerate(self.ranks) for _ in range(rank)]
-            self.column_slots = torch.tensor(owners, dtype=torch.int32, device=self.a.device)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.a.dtype
-
-    @property
-    def max_rank(self) -> int:
-        return max(self.ranks, default=0)
-
-    def adapter(self, slot: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Return ``(a_s [r, in], b_t_s [r, out])`` for one slot, or None where this layer lacks that adapter."""
-        rank = self.ranks[slot]
-        if rank == 0:
-            return None
-        start = self.offsets[slot]
-        return self.a[start : start + rank], self.b_t[start : start + rank]
-
-
-SIBLING_NAMES = (
-    frozenset({"q_proj", "k_proj", "v_proj"}),
-    frozenset({"gate_proj", "up_proj"}),
-    frozenset({"query", "key", "value"}),
-    frozenset({"w1", "w3"}),
-)
-"""Module names that, under one parent, read the same input in the architectures transformers ships. A grouping
-is only a hint: a member whose input is not the leader's computes its own shrink (see SiblingGroup.take)."""
-
-
-class SiblingGroup:
-    """Layers that read one input (q/k/v, gate/up) and so can share one shrink launch.
-
-    The group packs, per slot, the lora_A rows of all members back to back (``a``, ``offsets_dev``,
-    ``ranks_dev``), so one shrink over it yields every member's ``h`` side by side. The leader (the first member
-    called in a forward) runs that shrink and remembers its input; a member called with the same input object
-    reuses the result and only runs its expand; the last member releases it.
-    """
-
-    def __init__(self, members: list[LoraLayer]):
-        self.members = members
-        packs = [member._fastlora_packed for member in members]
-        num_slots = len(packs[0].ranks)
-        device, dtype = packs[0].a.device, packs[0].a.dtype
-        offsets, ranks, parts = [0] * num_slots, [0] * num_slots, []
-        columns = [[0] * num_slots for _ in packs]
-        total = 0
-        for slot in range(num_slots):
-            offsets[slot] = total
-            for index, pack in enumerate(packs):
-                columns[index][slot] = ranks[slot]
-                if pack.ranks[slot]:
-                    parts.append(pack.a[pack.offsets[slot] : pack.offsets[slot] + pack.ranks[slot]])
-                    ranks[slot] += pack.ranks[slot]
-            total += ranks[slot]
-        in_features = packs[0].a.shape[1]
-        self.a = torch.cat(parts) if parts else torch.zeros(0, in_features, dtype=dtype, device=device)
-        self.offsets_dev = torch.tensor(offsets, dtype=torch.int32, device=device)
-        self.ranks_dev = torch.tensor(ranks, dtype=torch.int32, device=device)
+    def __init__(self, a: torch.Tensor, offsets: list[int], ranks: list[int], size: int):
+        self.a = a
+        self.size = size  # how many layers share it
+        self.offsets_dev = torch.tensor(offsets, dtype=torch.int32, device=a.device)
+        self.ranks_dev = torch.tensor(ranks, dtype=torch.int32, device=a.device)
         self.max_rank = max(ranks, default=0)
-        for index, pack in enumerate(packs):
-            pack.group, pack.leader, pack.last = self, index == 0, index == len(packs) - 1
-            pack.h_cols = torch.tensor(columns[index], dtype=torch.int32, device=device)
         # (input, shrink output), one attribute written and read whole: calls from several threads may run at once.
         self._memo: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -158,6 +89,150 @@ class SiblingGroup:
         self._memo = None
 
 
+@dataclass
+class PackedLora:
+    """One layer's adapters in their packed storage.
+
+    Attributes
+    ----------
+    a : torch.Tensor
+        ``[rows, in]`` lora_A storage (a sibling group's, shared with the other members, where ``group`` is set).
+    b : torch.Tensor
+        1-D lora_B storage of this layer: slot s's ``[out, r]`` block starts at element ``b_offsets[s] * out``.
+    out_features : int
+        ``out`` (the embedding dimension for an Embedding).
+    a_offsets, b_offsets, ranks : list[int]
+        Per slot: its first row in ``a``, its first row (in units of ``out`` elements) in ``b``, and its rank
+        (0 where the layer lacks the adapter).
+    a_offsets_dev, b_offsets_dev, ranks_dev : torch.Tensor
+        The same as int32 tensors on the storage's device, for kernels.
+    scales : torch.Tensor
+        fp32 ``[num_slots]``: PEFT's ``scaling`` of each slot's adapter (0 where absent), applied to ``B A x``.
+    dora : DoraScales or None
+        The per-slot DoRA rescale where this layer holds DoRA adapters (see ``peft_fastlora.dora``).
+    group : SiblingGroup or None
+        The sibling group whose ``a`` this layer's rows live in, if any; ``leader``/``last`` say whether this
+        layer shrinks for the group / releases its result, and ``h_cols`` (int32 ``[num_slots]``) where this
+        layer's part of each slot starts in the group's shrink output.
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+    out_features: int
+    a_offsets: list[int]
+    b_offsets: list[int]
+    ranks: list[int]
+    a_offsets_dev: torch.Tensor
+    b_offsets_dev: torch.Tensor
+    ranks_dev: torch.Tensor
+    scales: torch.Tensor
+    dora: DoraScales | None = None
+    group: SiblingGroup | None = None
+    leader: bool = False
+    last: bool = False
+    h_cols: torch.Tensor | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.a.dtype
+
+    @property
+    def max_rank(self) -> int:
+        return max(self.ranks, default=0)
+
+    def adapter(self, slot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """``(A [r, in], B [out, r], scale)`` of one slot as views of the storage (``scale`` a 0-d fp32 tensor), or
+        None where this layer lacks that adapter."""
+        rank = self.ranks[slot]
+        if rank == 0:
+            return None
+        a_start, b_start = self.a_offsets[slot], self.b_offsets[slot] * self.out_features
+        a = self.a[a_start : a_start + rank]
+        b = self.b[b_start : b_start + rank * self.out_features].view(self.out_features, rank)
+        return a, b, self.scales[slot]
+
+
+AdapterSlots = dict[int, tuple[torch.Tensor, torch.Tensor, float]]
+"""One layer's adapters by slot: ``{slot: (A [r, in], B [out, r], scaling)}``."""
+
+
+def pack(
+    members: list[AdapterSlots],
+    num_slots: int,
+    in_features: int,
+    out_features: list[int],
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> list[PackedLora]:
+    """Copy the adapters of one layer, or of one sibling group (2+ layers reading one input), into new storage.
+
+    Parameters
+    ----------
+    members : list[AdapterSlots]
+        Per layer, its adapters by slot. Values are copied (and cast to ``dtype``).
+    num_slots : int
+        The bank's slot count: the length of every per-slot array.
+    in_features : int
+        The layers' common input size.
+    out_features : list[int]
+        Per layer, its output size.
+    dtype, device
+        Of the storage.
+
+    Returns
+    -------
+    list[PackedLora]
+        One per member, in order; with 2+ members they share ``a`` through one ``SiblingGroup``.
+    """
+    count = len(members)
+    a_offsets, b_offsets, ranks = ([[0] * num_slots for _ in members] for _ in range(3))
+    group_offsets, group_ranks, b_rows = [0] * num_slots, [0] * num_slots, [0] * count
+    rows = 0
+    for slot in range(num_slots):
+        group_offsets[slot] = rows
+        for index, adapters in enumerate(members):
+            if slot in adapters:
+                rank = adapters[slot][0].shape[0]
+                a_offsets[index][slot], b_offsets[index][slot], ranks[index][slot] = rows, b_rows[index], rank
+                rows += rank
+                b_rows[index] += rank
+        group_ranks[slot] = rows - group_offsets[slot]
+    a = torch.empty(rows, in_features, dtype=dtype, device=device)
+    group = SiblingGroup(a, group_offsets, group_ranks, count) if count > 1 else None
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.int32, device=a.device)  # noqa: E731
+    packs = []
+    for index, adapters in enumerate(members):
+        scales = [0.0] * num_slots
+        b = torch.empty(b_rows[index] * out_features[index], dtype=dtype, device=device)
+        pack = PackedLora(
+            a, b, out_features[index], a_offsets[index], b_offsets[index], ranks[index], as_tensor(a_offsets[index]),
+            as_tensor(b_offsets[index]), as_tensor(ranks[index]), torch.zeros(num_slots, device=a.device),
+        )  # fmt: skip
+        with torch.no_grad():
+            for slot, (lora_a, lora_b, scaling) in adapters.items():
+                view_a, view_b, _ = pack.adapter(slot)
+                view_a.copy_(lora_a)
+                view_b.copy_(lora_b)
+                scales[slot] = scaling
+            pack.scales.copy_(torch.tensor(scales))
+        if group is not None:
+            pack.group, pack.leader, pack.last = group, index == 0, index == count - 1
+            starts = zip(a_offsets[index], group_offsets, ranks[index], strict=True)
+            pack.h_cols = as_tensor([start - group_start if rank else 0 for start, group_start, rank in starts])
+        packs.append(pack)
+    return packs
+
+
+SIBLING_NAMES = (
+    frozenset({"q_proj", "k_proj", "v_proj"}),
+    frozenset({"gate_proj", "up_proj"}),
+    frozenset({"query", "key", "value"}),
+    frozenset({"w1", "w3"}),
+)
+"""Module names that, under one parent, read the same input in the architectures transformers ships. A grouping
+is only a hint: a member whose input is not the leader's computes its own shrink (see SiblingGroup.take)."""
+
+
 def sibling_groups(named_layers: list[tuple[str, LoraLayer]]) -> list[list[LoraLayer]]:
     """Group fast Linear layers by parent and sibling name set; keep groups of 2+ with one in_features."""
     groups: dict[tuple[str, frozenset], list[LoraLayer]] = {}
@@ -173,8 +248,9 @@ def sibling_groups(named_layers: list[tuple[str, LoraLayer]]) -> list[list[LoraL
     ]
 
 
-def adapter_weights(layer: LoraLayer) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Return ``{name: (A [r, in], B [out, r])}`` for the plain-LoRA adapters of a PEFT Linear or Embedding layer."""
+def adapter_parameters(layer: LoraLayer) -> dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter]]:
+    """``{name: (lora_A weight [r, in], lora_B weight [out, r])}`` of a PEFT Linear or Embedding layer: the
+    parameters themselves (Embedding: lora_embedding_A/B)."""
     weights = {name: (module.weight, layer.lora_B[name].weight) for name, module in layer.lora_A.items()}
     for name, a in layer.lora_embedding_A.items():
         weights[name] = (a, layer.lora_embedding_B[name])
@@ -207,44 +283,17 @@ def unsupported_adapters(layer: LoraLayer) -> dict[str, str]:
     return names
 
 
-def fingerprinted_tensors(layer: LoraLayer) -> list[torch.Tensor]:
-    """The tensors a layer's packing is made from: every adapter's A and B, and for DoRA adapters the magnitude and
-    the base weight (which their cached norms depend on)."""
-    tensors = [tensor for pair in adapter_weights(layer).values() for tensor in pair]
-    for name in sorted(dora_adapters(layer)):
-        tensors += [layer.lora_magnitude_vector[name].weight, layer.get_base_layer().weight]
-    return tensors
-
-
-def layer_fingerprint(layer: LoraLayer) -> tuple:
-    """A cheap value that changes whenever the packing of ``layer`` would change.
-
-    Per tensor of ``fingerprinted_tensors``: its identity, storage pointer, in-place version counter, shape, dtype
-    and device; per adapter, its name and scaling. The bank holds the tensors it packed from (``AdapterBank``), so
-    their identities cannot be reused: a deleted and re-added adapter has new parameter objects, even where the
-    allocator hands them the freed storage and their version counters start again at 0 (seen: 3 of 20 such cycles
-    were served stale when only pointers and versions were compared). Edits that bypass the version counter
-    (``.data.copy_``, NumPy views) stay invisible to it.
-    """
-    tensors = tuple(
-        (id(tensor), tensor.data_ptr(), tensor._version, tensor.shape, tensor.dtype, tensor.device)
-        for tensor in fingerprinted_tensors(layer)
-    )
-    return tensors, tuple((name, layer.scaling[name]) for name in adapter_weights(layer))
-
-
-def check_adapter_weights(layer: LoraLayer, layer_name: str) -> None:
+def check_adapter_weights(layer: LoraLayer, layer_name: str, skip: dict[str, str]) -> None:
     """Raise a ValueError naming the adapter and the layer if an adapter's weights do not fit the layer (shapes) or
     sit on another device than its base weight. PEFT itself would fail later with a bare matmul or device error.
 
-    Only the adapters the packed path serves are checked: a variant left to PEFT (``unsupported_adapters``) may
-    store its factors in other shapes (BD-LoRA keeps only the diagonal blocks), and PEFT's own forward reads them.
+    Adapters in ``skip`` (variants left to PEFT, ``unsupported_adapters``) are not checked: they may store their
+    factors in other shapes (BD-LoRA keeps only the diagonal blocks), and PEFT's own forward reads them.
     """
     base_weight = layer.get_base_layer().weight
     # A is [r, in] and B is [out, r] for Linear and Embedding alike (in = vocabulary for an embedding).
     expected = (layer.in_features, layer.out_features)
-    skip = unsupported_adapters(layer)
-    for name, (a, b) in adapter_weights(layer).items():
+    for name, (a, b) in adapter_parameters(layer).items():
         if name in skip:
             continue
         where = f"peft_fastlora: adapter {name!r} of layer {layer_name}"
@@ -261,46 +310,35 @@ def check_adapter_weights(layer: LoraLayer, layer_name: str) -> None:
                 )
 
 
-def pack_layer(layer: LoraLayer, slots: dict[str, int]) -> PackedLora:
-    """Pack ``layer``'s adapters in slot order without padding, scaling folded into B.
+def _placement(layer: LoraLayer) -> tuple:
+    """Per adapter of ``layer``: its name, and the identity and data pointer of its lora_A and lora_B parameters.
 
-    The packed dtype is the promotion of the adapters' own dtypes, which is what PEFT computes the LoRA path in.
-    """
-    skip = unsupported_adapters(layer)
-    # Adapters left to PEFT take no part, not even in the packed dtype and device.
-    weights = {name: pair for name, pair in adapter_weights(layer).items() if name not in skip}
-    base_weight = layer.get_base_layer().weight
-    order = sorted((slots[name], name) for name in weights)
-    num_slots = len(slots)
-    offsets, ranks = [0] * num_slots, [0] * num_slots
-    a_parts, b_parts = [], []
-    dtypes = [tensor.dtype for pair in weights.values() for tensor in pair]
-    dtype = functools.reduce(torch.promote_types, dtypes) if dtypes else base_weight.dtype
-    device = next(iter(weights.values()))[0].device if weights else base_weight.device
-    total = 0
-    for slot, name in order:
-        a, b = weights[name]
-        offsets[slot], ranks[slot] = total, a.shape[0]
-        total += a.shape[0]
-        a_parts.append(a.detach().to(device=device, dtype=dtype))
-        b_parts.append((b.detach().to(device=device, dtype=dtype) * layer.scaling[name]).t())
-    in_features = a_parts[0].shape[1] if a_parts else 0
-    out_features = b_parts[0].shape[1] if b_parts else 0
-    a_packed = torch.cat(a_parts).contiguous() if a_parts else torch.zeros(0, in_features, dtype=dtype, device=device)
-    b_packed = torch.cat(b_parts).contiguous() if b_parts else torch.zeros(0, out_features, dtype=dtype, device=device)
-    return PackedLora(
-        a=a_packed,
-        b_t=b_packed,
-        offsets=offsets,
-        ranks=ranks,
-        offsets_dev=torch.tensor(offsets, dtype=torch.int32, device=device),
-        ranks_dev=torch.tensor(ranks, dtype=torch.int32, device=device),
-        dora=dora_scales(layer, slots, dora_adapters(layer) - skip.keys()),
+    This is the per-call check: it equals the value recorded at packing exactly while every parameter is still the
+    same object and still points at its rows of the storage. The bank holds the recorded parameters, so their ids
+    cannot be reused; the storage is alive, so no unrelated tensor can own one of its addresses."""
+    return tuple(
+        (name, id(a), a.data_ptr(), id(b), b.data_ptr()) for name, (a, b) in adapter_parameters(layer).items()
     )
 
 
+class _Unit:
+    """The layers packed together (one layer, or a sibling group) and what the per-call check compares."""
+
+    def __init__(self, layers: list[LoraLayer]):
+        self.layers = layers
+        self.placements: list[tuple] = []
+        self.held: list[dict] = []  # the parameters the placements name, so that their ids stay unique
+        self.scalings: list[tuple] = []  # per layer, per slot: the scaling in the stored scales
+
+    def is_current(self) -> bool:
+        return all(
+            "_fastlora_packed" in layer.__dict__ and _placement(layer) == placement
+            for layer, placement in zip(self.layers, self.placements, strict=True)
+        )
+
+
 class AdapterBank:
-    """The model-wide adapter registry of a patched model.
+    """The model-wide adapter registry of a patched model, and the storage of every fast layer's adapters.
 
     Parameters
     ----------
@@ -313,7 +351,10 @@ class AdapterBank:
     Attributes
     ----------
     slots : dict[str, int]
-        Adapter name → slot id, the same in every layer; ``"__base__"`` maps to ``BASE_SLOT``.
+        Adapter name → slot id, the same in every layer and stable while the adapter exists: a new adapter takes
+        the lowest free slot, a deleted one frees its slot, and no other adapter is renumbered.
+    num_slots : int
+        The length of every per-slot array (the highest slot id in use + 1, never shrinking).
     """
 
     def __init__(self, lora_layers: list[LoraLayer], fast_layers: list[LoraLayer]):
@@ -321,11 +362,11 @@ class AdapterBank:
         self.fast_layers = fast_layers
         self.sibling_candidates: list[list[LoraLayer]] = []
         self.layer_names: dict[int, str] = {}  # id(layer) → module path, for error messages
-        self.groups: list[SiblingGroup] = []
         self.slots: dict[str, int] = {}
-        self._fingerprints: dict[int, tuple] = {}
-        # The tensors each layer was packed from, held so that their ids stay unique (see layer_fingerprint).
-        self._packed_from: dict[int, list[torch.Tensor]] = {}
+        self.num_slots = 0
+        self._units: dict[tuple[int, ...], _Unit] = {}
+        self._slot_names: dict[int, str] = {}
+        self.groups: list[SiblingGroup] = []
         self._warned: set[tuple[str, str]] = set()
         self.refresh()
 
@@ -337,30 +378,111 @@ class AdapterBank:
             names |= layer.lora_embedding_A.keys()
         return names
 
+    def _assign_slots(self) -> bool:
+        """Free the slots of deleted adapters and give new ones the lowest free slots; True if ``num_slots`` grew."""
+        names = self.adapter_names()
+        for name in [name for name in self.slots if name not in names]:
+            del self.slots[name]
+        taken = set(self.slots.values())
+        free = (slot for slot in range(len(names) + len(taken) + 1) if slot not in taken)
+        for name in sorted(names - self.slots.keys()):
+            self.slots[name] = next(free)
+        num_slots = max(self.slots.values(), default=-1) + 1
+        grew = num_slots > self.num_slots
+        self.num_slots = max(num_slots, self.num_slots)
+        return grew
+
     def refresh(self) -> None:
-        """Bring the slot map and every stale layer packing up to date with PEFT's parameters."""
-        names = sorted(self.adapter_names())
-        slots_changed = names != list(self.slots)
-        if slots_changed:
-            self.slots = {name: slot for slot, name in enumerate(names)}
-        repacked = False
+        """Bring slots, storage and scales up to date with PEFT's layers (see the module docstring)."""
+        repack_all = self._assign_slots()
+        self._slot_names = {slot: name for name, slot in self.slots.items()}
+        grouped = {id(layer) for members in self.sibling_candidates for layer in members}
+        units = [list(members) for members in self.sibling_candidates]
+        units += [[layer] for layer in self.fast_layers if id(layer) not in grouped]
         left_to_peft: set[tuple[str, str]] = set()
-        for layer in self.fast_layers:
-            fingerprint = layer_fingerprint(layer)
-            # A layer without its packing was unpatched meanwhile (unpatch_model of a model sharing this bank).
-            stale = "_fastlora_packed" not in layer.__dict__ or self._fingerprints.get(id(layer)) != fingerprint
-            if slots_changed or stale:
-                check_adapter_weights(layer, self.layer_names.get(id(layer), type(layer).__name__))
-                layer._fastlora_packed = pack_layer(layer, self.slots)
-                unsupported = unsupported_adapters(layer)
-                layer._fastlora_unsupported = set(unsupported)
-                left_to_peft |= set(unsupported.items())
-                self._fingerprints[id(layer)] = fingerprint
-                self._packed_from[id(layer)] = fingerprinted_tensors(layer)
-                repacked = True
-        if repacked or [group.members for group in self.groups] != self.sibling_candidates:
-            self._build_groups()
+        kept: dict[tuple[int, ...], _Unit] = {}
+        for layers in units:
+            key = tuple(map(id, layers))
+            unit = self._units.get(key)
+            if unit is None or repack_all or not unit.is_current():
+                unit = _Unit(layers)
+                left_to_peft |= self._pack(unit)
+            else:
+                self._update_scales(unit)
+            for layer in layers:
+                packed = layer._fastlora_packed
+                if packed.dora is not None:
+                    refresh_dora_scales(layer, self.slots, packed.dora)
+            kept[key] = unit
+        self._units = kept
+        self.groups = [unit.layers[0]._fastlora_packed.group for unit in kept.values() if len(unit.layers) > 1]
         self._warn_left_to_peft(left_to_peft)
+
+    def _pack(self, unit: _Unit) -> set[tuple[str, str]]:
+        """Copy the unit's served adapters into new storage and point their parameters at it; return the
+        ``(adapter, reason)`` pairs left to PEFT's path."""
+        skipped, candidates = [], []
+        for layer in unit.layers:
+            skip = unsupported_adapters(layer)
+            check_adapter_weights(layer, self.layer_names.get(id(layer), type(layer).__name__), skip)
+            skipped.append(skip)
+            candidates.append({name: pair for name, pair in adapter_parameters(layer).items() if name not in skip})
+        # One dtype per storage: the most common one among the adapters' lora_A. Adapters in another dtype (rare:
+        # adapters loaded with different autocast settings) keep PEFT's path, which computes each in its own dtype.
+        dtypes = collections.Counter(a.dtype for weights in candidates for a, _ in weights.values())
+        base_weight = unit.layers[0].get_base_layer().weight
+        dtype = dtypes.most_common(1)[0][0] if dtypes else base_weight.dtype
+        members = []
+        for layer, weights, skip in zip(unit.layers, candidates, skipped, strict=True):
+            for name, (a, b) in weights.items():
+                if a.dtype != dtype or b.dtype != dtype:
+                    skip[name] = f"{a.dtype} weights beside {dtype} ones in one layer"
+            members.append(
+                {self.slots[name]: (a, b, layer.scaling[name]) for name, (a, b) in weights.items() if name not in skip}
+            )
+        out_features = [layer.out_features for layer in unit.layers]
+        packs = pack(members, self.num_slots, unit.layers[0].in_features, out_features, dtype, base_weight.device)
+        left_to_peft = set()
+        for layer, packed, served, skip in zip(unit.layers, packs, members, skipped, strict=True):
+            params = adapter_parameters(layer)
+            for slot in served:
+                a, b = params[self._slot_names[slot]]
+                view_a, view_b, _ = packed.adapter(slot)
+                a.data, b.data = view_a, view_b  # the Parameter objects stay; their data is now the storage
+            packed.dora = dora_scales(layer, self.slots, self.num_slots, dora_adapters(layer) - skip.keys())
+            layer._fastlora_packed = packed
+            layer._fastlora_unsupported = set(skip)
+            left_to_peft |= set(skip.items())
+            unit.placements.append(_placement(layer))
+            unit.held.append(params)
+            unit.scalings.append(self._scalings(layer, served))
+        return left_to_peft
+
+    def _scalings(self, layer: LoraLayer, served) -> tuple:
+        """``((slot, PEFT's scaling), ...)`` of the served slots, in slot order."""
+        return tuple((slot, layer.scaling[self._slot_names[slot]]) for slot in sorted(served))
+
+    def _update_scales(self, unit: _Unit) -> None:
+        """Rewrite the stored scales of layers whose PEFT scaling changed (``set_scale``, ``scale_layer``), in place
+        so that a captured CUDA graph reads the new values."""
+        for index, layer in enumerate(unit.layers):
+            packed = layer._fastlora_packed
+            served = [slot for slot, rank in enumerate(packed.ranks) if rank]
+            scalings = self._scalings(layer, served)
+            if scalings != unit.scalings[index]:
+                values = [0.0] * self.num_slots
+                for slot, scaling in scalings:
+                    values[slot] = scaling
+                packed.scales.copy_(torch.tensor(values))
+                unit.scalings[index] = scalings
+
+    def release(self, layer: LoraLayer) -> None:
+        """Give ``layer``'s adapter parameters storage of their own again (contiguous copies of their values), as
+        before the patch; the layer then holds nothing of the bank's storage."""
+        for a, b in adapter_parameters(layer).values():
+            for parameter in (a, b):
+                parameter.data = parameter.data.clone(memory_format=torch.contiguous_format)
+        self._units = {key: unit for key, unit in self._units.items() if layer not in unit.layers}
 
     def _warn_left_to_peft(self, found: set[tuple[str, str]]) -> None:
         """Name, once per adapter and reason, the adapters whose rows go through PEFT's slower path (the user chose
@@ -371,21 +493,10 @@ class AdapterBank:
         self._warned |= set(new)
         warnings.warn(
             "peft_fastlora serves these adapters through PEFT's own (slower) mixed-batch path in the layers that "
-            "hold them (LoRA variants other than DoRA, and lora_bias): "
-            + ", ".join(f"{name!r} ({reason})" for name, reason in new),
+            "hold them (LoRA variants other than DoRA, lora_bias, and adapters whose dtype differs from the "
+            "layer's other adapters): " + ", ".join(f"{name!r} ({reason})" for name, reason in new),
             stacklevel=4,
         )
-
-    def _build_groups(self) -> None:
-        """(Re)build the shared-shrink packing of every sibling group whose members pack alike."""
-        for layer in self.fast_layers:
-            packed = layer._fastlora_packed
-            packed.group, packed.leader, packed.last, packed.h_cols = None, False, False, None
-        self.groups = []
-        for members in self.sibling_candidates:
-            packs = [member._fastlora_packed for member in members]
-            if len({(pack.a.dtype, pack.a.device) for pack in packs}) == 1:
-                self.groups.append(SiblingGroup(members))
 
     def forget_inputs(self) -> None:
         """Drop every group's remembered input and shrink output (at the end of a call, to free them)."""

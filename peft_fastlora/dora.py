@@ -6,8 +6,8 @@ PEFT's DoRA output for one adapter (eval mode, ``variants.DoraLinearVariant``) i
 
 which is ``y = bias + g * (base + scaling * B A x - bias)``: the plain LoRA result, rescaled per output feature
 around the bias. So DoRA rows go through the same packed shrink/expand as LoRA rows, and a DoRA layer then
-rescales the rows whose adapter is a DoRA adapter. ``g`` is constant at inference, so the bank computes it once
-per adapter and layer (with PEFT's own weight-norm function) and keeps it until the adapter changes.
+rescales the rows whose adapter is a DoRA adapter. ``g`` is computed with PEFT's own weight-norm function once per
+call (PEFT computes it on every forward), since any of the weights it depends on may have been edited in place.
 
 PEFT itself refuses ``adapter_names`` with DoRA (``Cannot pass `adapter_names` when DoRA is enabled.``); a patched
 model serves DoRA in the Linear layers it packs. DoRA on any other layer (embeddings, other layer types) keeps
@@ -38,11 +38,14 @@ class DoraScales:
         bool ``[num_slots + 1]``, indexed the same way: whether the slot's adapter is a DoRA adapter here.
     bias : torch.Tensor or None
         ``[out]`` in the scales' dtype, the base layer's bias, around which the rescale happens.
+    names : tuple[str, ...]
+        The DoRA adapters the rows hold (``refresh_dora_scales`` recomputes them).
     """
 
     scales: torch.Tensor
     is_dora: torch.Tensor
     bias: torch.Tensor | None
+    names: tuple[str, ...] = ()
 
 
 def dora_adapters(layer: LoraLayer) -> set[str]:
@@ -51,34 +54,52 @@ def dora_adapters(layer: LoraLayer) -> set[str]:
     return {name for name, variant in getattr(layer, "lora_variant", {}).items() if type(variant) is DoraLinearVariant}
 
 
-def dora_scales(layer: LoraLayer, slots: dict[str, int], names: set[str]) -> DoraScales | None:
-    """``g = magnitude / ||W + scaling·B·A||`` of each DoRA adapter in ``names``, or None if there is none.
+def dora_scales(layer: LoraLayer, slots: dict[str, int], num_slots: int, names: set[str]) -> DoraScales | None:
+    """The rescale buffers of the DoRA adapters ``names`` of ``layer``, filled; None if there is none.
+
+    The buffers are made once per packing and rewritten in place by ``refresh_dora_scales`` on every call, so that
+    a captured CUDA graph keeps reading them.
+    """
+    if not names:
+        return None
+    base_layer = layer.get_base_layer()
+    device = base_layer.weight.device
+    dtype = functools.reduce(torch.promote_types, (layer.lora_A[name].weight.dtype for name in names), torch.float32)
+    scales = torch.ones(num_slots + 1, layer.out_features, dtype=dtype, device=device)
+    is_dora = torch.zeros(num_slots + 1, dtype=torch.bool, device=device)
+    for name in names:
+        is_dora[slots[name] + 1] = True
+    bias = getattr(base_layer, "bias", None)
+    bias = torch.empty(layer.out_features, dtype=dtype, device=device) if bias is not None else None
+    dora = DoraScales(scales=scales, is_dora=is_dora, bias=bias, names=tuple(sorted(names)))
+    refresh_dora_scales(layer, slots, dora)
+    return dora
+
+
+@torch.no_grad()
+def refresh_dora_scales(layer: LoraLayer, slots: dict[str, int], dora: DoraScales) -> None:
+    """Recompute ``g = magnitude / ||W + scaling·B·A||`` of each DoRA adapter into ``dora``, in place.
+
+    ``g`` depends on the base weight, A, B, the magnitude and the scaling, any of which may have been edited in
+    place since the last call; PEFT recomputes the norm on every forward, the patch on every call.
 
     The norm is PEFT's own (``DoraLinearLayer.get_weight_norm``), computed as PEFT's forward does: PEFT casts the
     layer input to the adapter's dtype before the DoRA forward, so base weight and ``B·A`` enter the norm in the
     adapter's dtype (fp32 for the fp32 adapters PEFT loads by default onto a bf16 model; computing it in bf16 costs
     accuracy). The scales are kept in that dtype, at least fp32.
     """
-    if not names:
-        return None
     base_layer = layer.get_base_layer()
     weight = dequantize_module_weight(base_layer).detach()
-    out_features = layer.out_features
-    dtype = functools.reduce(torch.promote_types, (layer.lora_A[name].weight.dtype for name in names), torch.float32)
-    scales = torch.ones(len(slots) + 1, out_features, dtype=dtype, device=weight.device)
-    is_dora = torch.zeros(len(slots) + 1, dtype=torch.bool, device=weight.device)
-    with torch.no_grad():
-        for name in names:
-            magnitude = layer.lora_magnitude_vector[name]
-            adapter_dtype = layer.lora_A[name].weight.dtype
-            lora_weight = (layer.lora_B[name].weight @ layer.lora_A[name].weight).to(adapter_dtype)
-            norm = magnitude.get_weight_norm(
-                weight=weight.to(adapter_dtype), lora_weight=lora_weight, scaling=layer.scaling[name]
-            )
-            scales[slots[name] + 1] = magnitude.weight / norm
-            is_dora[slots[name] + 1] = True
-    bias = base_layer.bias.detach().to(dtype) if getattr(base_layer, "bias", None) is not None else None
-    return DoraScales(scales=scales, is_dora=is_dora, bias=bias)
+    for name in dora.names:
+        magnitude = layer.lora_magnitude_vector[name]
+        adapter_dtype = layer.lora_A[name].weight.dtype
+        lora_weight = (layer.lora_B[name].weight @ layer.lora_A[name].weight).to(adapter_dtype)
+        norm = magnitude.get_weight_norm(
+            weight=weight.to(adapter_dtype), lora_weight=lora_weight, scaling=layer.scaling[name]
+        )
+        dora.scales[slots[name] + 1] = magnitude.weight / norm
+    if dora.bias is not None:
+        dora.bias.copy_(base_layer.bias)
 
 
 def apply_dora(result: torch.Tensor, exact: torch.Tensor, row_slots: torch.Tensor, dora: DoraScales) -> None:

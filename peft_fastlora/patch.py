@@ -6,7 +6,7 @@ PEFT serves ``adapter_names`` through ``LoraModel._enable_peft_forward_hooks``, 
 each one the list. The patch replaces that context, on the instance only, with ``_mixed_batch_context``:
 
 1. the same checks, with PEFT's errors, before anything runs (so a bad call changes nothing);
-2. the bank is refreshed (new, deleted or overwritten adapters are repacked);
+2. the bank is refreshed (layers whose adapters were added, deleted or replaced are repacked; see ``bank``);
 3. the batch plan is filled once: names → slots, rows grouped by slot, expanded for beam search and
    ``num_return_sequences``;
 4. fast layers read the plan; only modules the packed path does not serve (other LoRA layer types,
@@ -321,14 +321,20 @@ def _patch_state(lora_model: torch.nn.Module) -> PatchState:
 
 
 def unpatch_model(model: PeftModel) -> PeftModel:
-    """Undo ``patch_model``: restore PEFT's layer classes and PEFT's own mixed-batch path. Returns ``model``."""
+    """Undo ``patch_model``: restore PEFT's layer classes and PEFT's own mixed-batch path. Returns ``model``.
+
+    The adapters' parameters get storage of their own again (contiguous copies of the same values), so the model
+    holds nothing of the patch."""
     lora_model = _lora_root(model)
-    if lora_model.__dict__.pop("_fastlora_state", None) is None:
+    state = lora_model.__dict__.pop("_fastlora_state", None)
+    if state is None:
         return model
     for method in ("_enable_peft_forward_hooks", *_NATIVE_METHODS):
         lora_model.__dict__.pop(method, None)
     for module in lora_model.modules():
         if is_fast_layer(module):
+            if isinstance(state, PatchState):  # a copy's pending patch never packed anything
+                state.bank.release(module)
             unpatch_layer(module)
     return model
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from helpers import assert_close_relative, load
 from peft import LoraConfig
@@ -18,21 +19,35 @@ def unpatched_logits(adapter_dirs, batch, names, edit):
         return model(**batch, adapter_names=names).logits
 
 
-def test_packing_has_no_padding(adapter_dirs):
-    model = patch_model(load("llama", adapter_dirs))
-    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
-    packed = q_proj._fastlora_packed
-    ranks = {name: q_proj.r[name] for name in q_proj.lora_A}
-    assert packed.a.shape == (sum(ranks.values()), 64)
-    assert packed.b_t.shape == (sum(ranks.values()), 64)
+def test_parameters_are_views_of_one_unpadded_storage(adapter_dirs):
+    """PEFT's lora_A/lora_B parameters are views into the packed storage (q/k/v share one lora_A storage), hold
+    PEFT's values unscaled and contiguous, and nothing is padded or stored twice."""
+    model = load("llama", adapter_dirs)
+    attention = model.base_model.model.model.layers[0].self_attn
+    members = [attention.q_proj, attention.k_proj, attention.v_proj]
+    before = {
+        (id(layer), name): (layer.lora_A[name].weight, layer.lora_A[name].weight.detach().clone(),
+                            layer.lora_B[name].weight.detach().clone())
+        for layer in members for name in layer.lora_A
+    }  # fmt: skip
+    patch_model(model)
     slots = model.base_model._fastlora_state.bank.slots
-    for name, rank in ranks.items():
-        a, b_t = packed.adapter(slots[name])
-        assert a.shape[0] == rank
-        assert torch.equal(a, q_proj.lora_A[name].weight)
-        assert torch.allclose(b_t, q_proj.lora_B[name].weight.t() * q_proj.scaling[name])
-    k_proj = model.base_model.model.model.layers[0].self_attn.k_proj  # adapter b targets every other module
-    assert k_proj._fastlora_packed.ranks[slots["b"]] == 0
+    storage = members[0]._fastlora_packed.a
+    assert storage.shape == (sum(layer.r[name] for layer in members for name in layer.lora_A), 64)
+    for layer in members:
+        packed = layer._fastlora_packed
+        assert packed.a is storage and packed.group is not None
+        assert packed.b.numel() == sum(layer.r[name] for name in layer.lora_A) * layer.out_features
+        for name in layer.lora_A:
+            a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+            parameter, a_before, b_before = before[(id(layer), name)]
+            assert a is parameter  # the same Parameter object, its data re-pointed
+            assert torch.equal(a, a_before) and torch.equal(b, b_before) and a.is_contiguous() and b.is_contiguous()
+            view_a, view_b, scale = packed.adapter(slots[name])
+            assert a.data_ptr() == view_a.data_ptr() and b.data_ptr() == view_b.data_ptr()
+            assert a.untyped_storage().data_ptr() == storage.untyped_storage().data_ptr()
+            assert scale.item() == pytest.approx(layer.scaling[name])
+    assert attention.k_proj._fastlora_packed.ranks[slots["b"]] == 0  # adapter b targets every other module
 
 
 def run_after_edit(adapter_dirs, edit, names):

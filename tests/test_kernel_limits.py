@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import assert_close_relative, interpreted
 from peft import LoraConfig, get_peft_model
-from test_kernels import check, random_packed
+from test_kernels import adapters_of, check, random_packed
 
 from peft_fastlora import patch_model, tiny
 from peft_fastlora.backends.triton import TritonBackend
@@ -95,8 +95,7 @@ def test_more_than_2_to_the_31_elements_gpu():
         TritonBackend().add_lora(y, x, packed, plan.view(rows, flattened=False))
         token_slots = [slots[int(token) // tokens_per_row] for token in sample]
         expected = lora_delta_reference(
-            y_before.float(), x.view(-1, k)[sample].float(), packed.a.float(), packed.b_t.float(), packed.offsets,
-            packed.ranks, token_slots,
+            y_before.float(), x.view(-1, k)[sample].float(), adapters_of(packed), token_slots,
         )  # fmt: skip
         error = (y.view(-1, n)[sample].float() - expected).abs().max() / expected.abs().max()
         assert error <= 2e-2, (n, error.item())
@@ -131,8 +130,7 @@ def test_direct_launches_follow_triton_specialisation_gpu():
         x = storage[offset:].as_strided((rows, 1, k), (k + pad, k + pad, 1))
         y = torch.randn(rows, 1, n, device="cuda", dtype=dtype)
         expected = lora_delta_reference(
-            y.view(rows, n).float(), x.reshape(rows, k).float(), packed.a.float(), packed.b_t.float(),
-            packed.offsets, packed.ranks, slots,
+            y.view(rows, n).float(), x.reshape(rows, k).float(), adapters_of(packed), slots,
         )  # fmt: skip
         TritonBackend().add_lora(y, x, packed, view)
         error = (y.view(rows, n).float() - expected).abs().max() / expected.abs().max()

@@ -9,7 +9,7 @@ from helpers import interpreted
 
 from peft_fastlora.backends.torch_ref import TorchBackend
 from peft_fastlora.backends.triton import TritonBackend
-from peft_fastlora.bank import BASE_SLOT, PackedLora
+from peft_fastlora.bank import BASE_SLOT, pack
 from peft_fastlora.kernels.reference import lora_delta_reference
 from peft_fastlora.plan import BatchPlan
 
@@ -17,14 +17,19 @@ RANKS = [4, 8, 16, 64]
 
 
 def random_packed(ranks, k, n, dtype, device, absent=()):
-    """Packed adapters of the given ranks (slots in order), without padding; slots in ``absent`` have rank 0."""
-    ranks = [0 if slot in absent else rank for slot, rank in enumerate(ranks)]
-    offsets = [sum(ranks[:slot]) for slot in range(len(ranks))]
-    total = sum(ranks)
-    a = (torch.randn(total, k, device=device) / k**0.5).to(dtype)
-    b_t = (torch.randn(total, n, device=device) / 4).to(dtype)
-    as_tensor = lambda values: torch.tensor(values, dtype=torch.int32, device=device)  # noqa: E731
-    return PackedLora(a, b_t, offsets, ranks, as_tensor(offsets), as_tensor(ranks))
+    """Packed adapters of the given ranks (slots in order), without padding; slots in ``absent`` have rank 0. Each
+    slot gets its own scaling, so a kernel that ignores or mixes up the scales fails."""
+    adapters = {
+        slot: (torch.randn(rank, k) / k**0.5, torch.randn(n, rank) / 4, 0.5 + slot)
+        for slot, rank in enumerate(ranks)
+        if slot not in absent
+    }
+    return pack([adapters], len(ranks), k, [n], dtype, device)[0]
+
+
+def adapters_of(packed):
+    """Per slot ``(A, B, scale)`` or None: the reference's view of a packing."""
+    return [packed.adapter(slot) for slot in range(len(packed.ranks))]
 
 
 def assignment(popularity, rows, num_adapters, generator):
@@ -60,9 +65,7 @@ def check(rows, tokens_per_row, popularity, dtype, device, k=72, n=136, ranks=RA
     plan.view(rows, flattened=False, tokens_per_row=tokens_per_row)
     view = plan.view(x.shape[0], flattened=x.dim() == 2)
     token_slots = [slot for slot in slots for _ in range(tokens_per_row)]
-    expected = lora_delta_reference(
-        y.reshape(-1, n), x.reshape(-1, k), packed.a, packed.b_t, packed.offsets, packed.ranks, token_slots
-    )
+    expected = lora_delta_reference(y.reshape(-1, n), x.reshape(-1, k), adapters_of(packed), token_slots)
     actual = y.clone()
     TritonBackend().add_lora(actual, x, packed, view)
     by_torch = y.clone()
@@ -118,11 +121,12 @@ def test_fake_ops_trace_without_running():
 
     with FakeTensorMode():
         y, x = torch.empty(6, 8), torch.empty(6, 4)
-        a, b = torch.empty(3, 4), torch.empty(3, 8)
+        a, b, scales = torch.empty(3, 4), torch.empty(3 * 8), torch.empty(2)
         offsets, ranks, rows, slots, starts, lens, count = [torch.empty(2, dtype=torch.int32) for _ in range(7)]
         h = torch.ops.peft_fastlora.lora_shrink(x, a, offsets, ranks, rows, slots, starts, lens, count, 1, 3)
         assert h.shape[1:] == (6, 16) and h.dtype == torch.float32
-        torch.ops.peft_fastlora.lora_expand_(y, h, None, b, offsets, ranks, rows, slots, starts, lens, count, 1, 3)
+        plan = (rows, slots, starts, lens, count, 1, 3)
+        torch.ops.peft_fastlora.lora_expand_(y, h, None, b, scales, offsets, ranks, *plan)
 
 
 @pytest.mark.gpu
@@ -172,8 +176,6 @@ def test_cuda_graph_replays_any_assignment():
         plan.fill(slots)
         assert plan.view(rows, flattened=False).segments[0].data_ptr() == view.segments[0].data_ptr()
         graph.replay()
-        expected = lora_delta_reference(
-            y0.view(rows, n), x.view(rows, k), packed.a, packed.b_t, packed.offsets, packed.ranks, slots
-        )
+        expected = lora_delta_reference(y0.view(rows, n), x.view(rows, k), adapters_of(packed), slots)
         error = (y.view(rows, n).float() - expected.float()).abs().max() / expected.float().abs().max()
         assert error <= 2e-2, (popularity, error.item())

@@ -31,7 +31,7 @@ def test_llama_shares_shrinks_and_matches_peft(adapter_dirs, monkeypatch):
     expected = model(**batch, adapter_names=names).logits
     patch_model(model, backend="triton")
     groups = model.base_model._fastlora_state.bank.groups
-    assert sorted(len(group.members) for group in groups) == [2, 2, 3, 3]  # per block: q/k/v and gate/up
+    assert sorted(group.size for group in groups) == [2, 2, 3, 3]  # per block: q/k/v and gate/up
     calls = count_shrinks(monkeypatch)
     actual = model(**batch, adapter_names=names).logits
     assert_close_relative(actual, expected)

@@ -1,13 +1,13 @@
 """The torch backend: the plain reference every other backend must match, and the CPU path.
 
-For each distinct adapter in the batch it gathers that adapter's rows, runs ``(x @ Aᵀ) @ (scaling·B)ᵀ`` on them
+For each distinct adapter in the batch it gathers that adapter's rows, runs ``scaling · (x @ Aᵀ) @ Bᵀ`` on them
 and adds the result back into the base output in place. That is PEFT's own mixed-batch algorithm, minus the
 name lookups: the grouping comes precomputed from the plan and the weights come packed from the bank.
 
 Under ``torch.compile`` that loop would bake the assignment of adapters to rows into the graph (dynamo guards on
 the Python list of groups) and recompile for every new assignment. There the backend computes every row against
-all packed adapters at once and masks each row to its own adapter's rank columns instead: more arithmetic
-(``R`` = the sum of all ranks, not one adapter's), but one graph for any assignment of a batch size.
+every adapter the layer holds and keeps each row's own adapter's result: more arithmetic (every adapter over the
+whole batch), but one graph for any assignment of a batch size.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class TorchBackend:
     name = "torch"
 
     def add_lora(self, result: torch.Tensor, x: torch.Tensor, packed: PackedLora, view: PlanView) -> None:
-        """Add each row's LoRA delta to ``result`` in place.
+        """Add each row's LoRA delta ``scaling · (x @ Aᵀ) @ Bᵀ`` to ``result`` in place.
 
         Parameters
         ----------
@@ -38,18 +38,9 @@ class TorchBackend:
         view : PlanView
             The plan for leading size ``N``.
         """
-        if torch.compiler.is_compiling():
-            h = x.to(packed.dtype) @ packed.a.t()
-            result += (_own_columns(h, packed, view) @ packed.b_t).to(result.dtype)
-            return
-        for slot, start, length in view.groups:
-            weights = packed.adapter(slot)
-            if weights is None:
-                continue
-            a, b_t = weights
-            rows = view.group_rows(start, length)
-            delta = (x.index_select(0, rows).to(packed.dtype) @ a.t()) @ b_t
-            result.index_add_(0, rows, delta.to(result.dtype))
+        for slot, rows, (a, b, scale) in _adapters_in_batch(packed, view):
+            delta = ((_rows(x, rows).to(packed.dtype) @ a.t()) @ b.t()) * scale
+            _add_rows(result, rows, delta, view, slot)
 
     def add_embedding_lora(
         self,
@@ -68,35 +59,47 @@ class TorchBackend:
         input_ids : torch.Tensor
             ``[N, ...]`` integer token ids.
         packed : PackedLora
-            Here ``a`` is ``[R, vocab]``: an adapter's shrink is a column gather.
+            Here ``A`` is ``[r, vocab]``: an adapter's shrink is a column gather.
         view : PlanView
             The plan for leading size ``N``.
         embed_scale : torch.Tensor or None
             The scale some embeddings (e.g. Gemma's) apply to their output, applied to the delta too as PEFT does.
         """
-        if torch.compiler.is_compiling():
-            delta = _own_columns(F.embedding(input_ids, packed.a.t()), packed, view) @ packed.b_t
+        for slot, rows, (a, b, scale) in _adapters_in_batch(packed, view):
+            delta = (F.embedding(_rows(input_ids, rows), a.t()) @ b.t()) * scale
             if embed_scale is not None:
                 delta = delta * embed_scale.to(delta.dtype)
-            result += delta.to(result.dtype)
-            return
-        for slot, start, length in view.groups:
+            _add_rows(result, rows, delta, view, slot)
+
+
+def _adapters_in_batch(packed: PackedLora, view: PlanView):
+    """``(slot, rows, (A, B, scale))`` per adapter to compute: in eager mode the distinct adapters of the batch,
+    with the indices of their rows; while compiling every adapter the layer holds, over all rows (``rows`` None), so
+    that the graph does not depend on the assignment (``_add_rows`` then keeps each row's own adapter)."""
+    if torch.compiler.is_compiling():
+        for slot in range(len(packed.ranks)):
             weights = packed.adapter(slot)
-            if weights is None:
-                continue
-            a, b_t = weights
-            rows = view.group_rows(start, length)
-            delta = F.embedding(input_ids.index_select(0, rows), a.t()) @ b_t
-            if embed_scale is not None:
-                delta = delta * embed_scale.to(delta.dtype)
-            result.index_add_(0, rows, delta.to(result.dtype))
+            if weights is not None:
+                yield slot, None, weights
+        return
+    for slot, start, length in view.groups:
+        weights = packed.adapter(slot)
+        if weights is not None:
+            yield slot, view.group_rows(start, length), weights
 
 
-def _own_columns(h: torch.Tensor, packed: PackedLora, view: PlanView) -> torch.Tensor:
-    """Zero every column of ``h`` (``[N, ..., R]``, all adapters' shrink outputs) that is not the row's own adapter.
+def _rows(tensor: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    return tensor if rows is None else tensor.index_select(0, rows)
 
-    Base rows (slot -1) keep no column. The mask depends on the plan's tensors only, not on Python values, so a
-    compiled graph serves any assignment."""
-    own = view.row_slots[:, None] == packed.column_slots[None, :]  # [N, R]
-    # where, not a multiply by the mask: a non-finite value in another adapter's column must not leak into this row.
-    return torch.where(own.view(own.shape[0], *([1] * (h.dim() - 2)), own.shape[1]), h, 0)
+
+def _add_rows(result: torch.Tensor, rows: torch.Tensor | None, delta: torch.Tensor, view: PlanView, slot: int) -> None:
+    """Add ``delta`` into ``result``'s rows ``rows``; with ``rows`` None (compiling), into the rows of ``slot``.
+
+    The mask depends on the plan's tensors only, not on Python values, so a compiled graph serves any assignment;
+    ``where`` rather than a multiply, so a non-finite value computed for another adapter's row does not leak."""
+    delta = delta.to(result.dtype)
+    if rows is not None:
+        result.index_add_(0, rows, delta)
+        return
+    own = (view.row_slots == slot).view(-1, *([1] * (delta.dim() - 1)))
+    result += torch.where(own, delta, 0)

@@ -1,8 +1,8 @@
 """The Triton backend: a segmented shrink and a segmented expand per LoRA layer, whatever the mix of adapters.
 
-Siblings that read the same input (q/k/v, gate/up) share the shrink: the group's leader shrinks against all
-members' stacked lora_A rows at once, and each member then only expands its own columns of the result; the last
-member releases the shared result, so no activation outlives the group.
+Siblings that read the same input (q/k/v, gate/up) share the shrink: the group's leader shrinks against the
+group's lora_A storage (every member's rows, slot by slot) at once, and each member then only expands its own
+columns of the result; the last member releases the shared result, so no activation outlives the group.
 """
 
 from __future__ import annotations
@@ -44,5 +44,8 @@ class TritonBackend(TorchBackend):
             h = group.take(x, packed.last)
             h_cols = packed.h_cols if h is not None else None
         if h is None:
-            h = lora_shrink(x_tokens, packed.a, packed.offsets_dev, packed.ranks_dev, *plan, packed.max_rank)
-        lora_expand_(y_tokens, h, h_cols, packed.b_t, packed.offsets_dev, packed.ranks_dev, *plan, packed.max_rank)
+            h = lora_shrink(x_tokens, packed.a, packed.a_offsets_dev, packed.ranks_dev, *plan, packed.max_rank)
+        lora_expand_(
+            y_tokens, h, h_cols, packed.b, packed.scales, packed.b_offsets_dev, packed.ranks_dev, *plan,
+            packed.max_rank,
+        )  # fmt: skip

@@ -214,7 +214,8 @@ def launch_expand(
     y: torch.Tensor,
     h: torch.Tensor,
     h_cols: torch.Tensor | None,
-    b_t: torch.Tensor,
+    b: torch.Tensor,
+    scales: torch.Tensor,
     offsets: torch.Tensor,
     ranks: torch.Tensor,
     sorted_rows: torch.Tensor,
@@ -225,7 +226,7 @@ def launch_expand(
     tokens_per_row: int,
     max_rank: int,
 ) -> None:
-    """``y[t] += (Σ_split h[split, t, cols_s]) @ B_tₛ`` for every token t of every segment, in place.
+    """``y[t] += scales[s] · (Σ_split h[split, t, cols_s]) @ B_sᵀ`` for every token t of every segment, in place.
 
     Parameters
     ----------
@@ -235,24 +236,27 @@ def launch_expand(
         ``launch_shrink``'s output, possibly a sibling group's (wider rows).
     h_cols : torch.Tensor or None
         int32 ``[num_slots]``: where this layer's part of slot s starts in a sibling group's ``h``; None for 0.
-    b_t : torch.Tensor
-        ``[R, N]`` contiguous packed ``scaling · lora_Bᵀ`` rows.
+    b : torch.Tensor
+        Flat contiguous lora_B storage: slot s's ``[N, rank_s]`` block (PEFT's layout) starts at element
+        ``offsets[s] * N``.
+    scales : torch.Tensor
+        fp32 ``[num_slots]``, each slot's scaling.
     offsets, ranks, sorted_rows, seg_slots, seg_starts, seg_lens, num_segments, tokens_per_row, max_rank
-        As for ``launch_shrink``, for this layer.
+        As for ``launch_shrink``, for this layer's ``b`` (``offsets`` in units of ``N`` elements).
     """
     num_tokens, n = y.shape
     if num_tokens == 0 or max_rank == 0:
         return
     segments, block_m, _, block_n, _, _ = _tiles(
-        num_tokens, offsets.shape[0], num_tokens // tokens_per_row, b_t.shape[0], max_rank, y.device
-    )
+        num_tokens, offsets.shape[0], num_tokens // tokens_per_row, 1, max_rank, y.device
+    )  # K (here 1) does not matter to the expand's tiles
     block_r, r_tiles = rank_tiles(max_rank)
     grid = (segments, _cdiv(num_tokens, block_m), _cdiv(n, block_n))
     _expand(
-        grid, h, offsets if h_cols is None else h_cols, b_t, y, sorted_rows, seg_slots, seg_starts, seg_lens,
+        grid, h, offsets if h_cols is None else h_cols, b, scales, y, sorted_rows, seg_slots, seg_starts, seg_lens,
         num_segments, offsets, ranks, n, h.shape[1], tokens_per_row, y.stride(0), BLOCK_M=block_m,
         BLOCK_R=block_r, R_TILES=r_tiles, H_STRIDE=h.shape[2], BLOCK_N=block_n, SPLITS=h.shape[0],
-        SHARED_H=h_cols is not None, PRECISION=dot_precision(y.dtype, b_t.dtype),
+        SHARED_H=h_cols is not None, PRECISION=dot_precision(y.dtype, b.dtype),
     )  # fmt: skip
 
 
@@ -274,7 +278,7 @@ def _shrink_fake(x, a, offsets, ranks, sorted_rows, seg_slots, seg_starts, seg_l
 
 
 @expand_op.register_fake
-def _expand_fake(y, h, h_cols, b_t, offsets, ranks, *plan_and_sizes) -> None:
+def _expand_fake(y, h, h_cols, b, scales, offsets, ranks, *plan_and_sizes) -> None:
     return None
 
 

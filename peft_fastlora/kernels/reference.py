@@ -12,13 +12,10 @@ import torch
 def lora_delta_reference(
     y: torch.Tensor,
     x: torch.Tensor,
-    a: torch.Tensor,
-    b_t: torch.Tensor,
-    offsets: list[int],
-    ranks: list[int],
+    adapters: list[tuple[torch.Tensor, torch.Tensor, object] | None],
     token_slots: list[int],
 ) -> torch.Tensor:
-    """Return ``y + delta`` where ``delta[t] = (x[t] @ A_sᵀ) @ B_sᵀ`` for ``s = token_slots[t]``.
+    """Return ``y + delta`` where ``delta[t] = scale_s · (x[t] @ A_sᵀ) @ B_sᵀ`` for ``s = token_slots[t]``.
 
     Parameters
     ----------
@@ -26,10 +23,9 @@ def lora_delta_reference(
         ``[T, N]`` base output (not modified).
     x : torch.Tensor
         ``[T, K]`` input.
-    a, b_t : torch.Tensor
-        ``[R, K]`` and ``[R, N]`` packed adapters (scaling folded into ``b_t``).
-    offsets, ranks : list[int]
-        Per slot: first packed row and rank.
+    adapters : list
+        Per slot: ``(A [r, K], B [N, r], scale)`` (PEFT's layouts and scaling), or None for an adapter the layer
+        lacks.
     token_slots : list[int]
         Per token: its slot, -1 for no LoRA.
 
@@ -40,8 +36,8 @@ def lora_delta_reference(
     """
     out = y.float().clone()
     for token, slot in enumerate(token_slots):
-        if slot < 0 or ranks[slot] == 0:
+        if slot < 0 or adapters[slot] is None:
             continue
-        rows = slice(offsets[slot], offsets[slot] + ranks[slot])
-        out[token] += (x[token].float() @ a[rows].float().t()) @ b_t[rows].float()
+        a, b, scale = adapters[slot]
+        out[token] += float(scale) * ((x[token].float() @ a.float().t()) @ b.float().t())
     return out.to(y.dtype)

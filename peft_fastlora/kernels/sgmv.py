@@ -1,4 +1,4 @@
-"""Segmented LoRA kernels: shrink ``h = x @ A_sᵀ`` then expand ``y += h @ B_sᵀ``, rows grouped by adapter.
+"""Segmented LoRA kernels: shrink ``h = x @ A_sᵀ`` then expand ``y += scale_s · h @ B_sᵀ``, rows grouped by adapter.
 
 The plan groups the rows of a batch by adapter slot into segments. Each program of a kernel owns one tile of
 one segment, so every token in it uses the same adapter and the adapter's weight tiles are loaded once per
@@ -110,17 +110,21 @@ def shrink_kernel(
 
 @triton.jit
 def expand_kernel(
-    h_ptr, h_cols_ptr, b_ptr, y_ptr,
+    h_ptr, h_cols_ptr, b_ptr, scales_ptr, y_ptr,
     sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, num_segments_ptr, offsets_ptr, ranks_ptr,
     N, num_tokens, tokens_per_row, stride_y,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, R_TILES: tl.constexpr, H_STRIDE: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, SHARED_H: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """``y[t, n-tile] += (Σ_split h[split, t]) @ B_tₛ[:, n-tile]`` for the tokens of one tile of one segment.
+    """``y[t, n-tile] += scale_s · (Σ_split h[split, t]) @ B_s[n-tile, :]ᵀ`` for the tokens of one tile of one
+    segment.
 
-    The rank is walked ``BLOCK_R`` lanes at a time (``R_TILES`` tiles cover the layer's largest rank). ``h`` rows
-    are ``H_STRIDE`` wide. With ``SHARED_H`` it is a sibling group's shrink output (q/k/v stacked), and this layer's
-    part of slot s starts at column ``h_cols[s]``; otherwise at column 0."""
+    ``B_s`` is slot s's ``[N, rank]`` block of the flat ``b`` (PEFT's lora_B layout), starting at element
+    ``offsets[s] * N``: a ``[BLOCK_R, BLOCK_N]`` tile of it covers ``BLOCK_N`` consecutive rows, so it is one
+    contiguous stretch of memory when the tile spans the whole rank. The rank is walked ``BLOCK_R`` lanes at a time
+    (``R_TILES`` tiles cover the layer's largest rank). ``h`` rows are ``H_STRIDE`` wide. With ``SHARED_H`` it is a
+    sibling group's shrink output (q/k/v stacked), and this layer's part of slot s starts at column ``h_cols[s]``;
+    otherwise at column 0. ``scales`` is fp32 ``[num_slots]`` (PEFT's scaling), applied to ``h`` in fp32."""
     active, tokens, token_mask, first_row, rank, slot = _segment_tile(
         sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, num_segments_ptr, offsets_ptr, ranks_ptr,
         tokens_per_row, BLOCK_M,
@@ -131,6 +135,7 @@ def expand_kernel(
             first_column = tl.load(h_cols_ptr + slot)
         n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = n < N
+        scale = tl.load(scales_ptr + slot)
         delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for r_tile in range(R_TILES):
             if r_tile * BLOCK_R < rank:  # a rank-8 adapter beside a rank-256 one walks one tile, not four
@@ -141,11 +146,11 @@ def expand_kernel(
                     h_offsets = (split * num_tokens + tokens)[:, None] * H_STRIDE + (first_column + r)[None, :]
                     h += tl.load(h_ptr + h_offsets, mask=token_mask[:, None] & r_mask[None, :], other=0.0)
                 b_tile = tl.load(
-                    b_ptr + (first_row + r)[:, None] * N + n[None, :],
+                    b_ptr + first_row * N + n[None, :] * rank + r[:, None],
                     mask=r_mask[:, None] & n_mask[None, :],
                     other=0.0,
                 )
-                delta += tl.dot(h.to(b_tile.dtype), b_tile, input_precision=PRECISION)
+                delta += tl.dot((h * scale).to(b_tile.dtype), b_tile, input_precision=PRECISION)
         y_offsets = tokens[:, None] * stride_y + n[None, :]
         y_mask = token_mask[:, None] & n_mask[None, :]
         y_tile = tl.load(y_ptr + y_offsets, mask=y_mask, other=0.0)
