@@ -6,7 +6,10 @@ before it (``peak_above_static_gib``), and the memory allocated before it (``sta
 rows of ours the bank too). Configurations:
 
 - ``prefill ROWSxTOKENS``: one forward under ``torch.no_grad()``, ``use_cache=False``, ``logits_to_keep=1``;
-- ``decode BATCH``: ``generate`` of 16 new tokens after a 128-token prompt with the static cache, not compiled.
+- ``decode BATCH``: ``generate`` of 16 new tokens after a 128-token prompt with the static cache, not compiled;
+- ``static``: what ``patch_model`` adds to the memory held between calls (``torch.cuda.memory_allocated`` after a
+  first mixed call, against PEFT alone), with 8 adapters of mixed ranks {8, 16, 32, 64} on all 7 projections in
+  PEFT's default dtype (fp32 adapters on the bf16 model); ``added_fraction`` is that over the adapters' own bytes.
 
 Results are merged into the JSON file given by ``--out`` (``{"meta": ..., "results": [...]}``), replacing the rows
 of the same configuration, so a loop over configurations in separate processes builds one file::
@@ -26,7 +29,8 @@ import os
 import peft
 import torch
 import transformers
-from bench_generate import build_model
+from bench_generate import TARGETS, build_model
+from peft import LoraConfig
 
 from peft_fastlora import patch_model, unpatch_model
 
@@ -53,6 +57,10 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", default=["triton", "torch"])
     parser.add_argument("--out", default="benchmarks/results/memory.json")
     args = parser.parse_args()
+    if args.config == "static":
+        results = static_rows(args)
+        write(args, results)
+        return
     kind, size = args.config.split()
     model = build_model(False, args.adapters, "cuda", layers=args.layers)
     generator = torch.Generator().manual_seed(0)
@@ -92,6 +100,49 @@ def main() -> None:
         )  # fmt: skip
         print(f"{args.config:>16} {row:>14}: peak above static {peak:6.2f} GiB, static {static:6.2f} GiB", flush=True)
     unpatch_model(model)
+    write(args, results)
+
+
+STATIC_RANKS = (16, 8, 32, 64, 8, 16, 32, 64)
+
+
+def static_rows(args) -> list[dict]:
+    """PEFT alone, then PEFT + patch (each backend, after one mixed call): memory held between calls."""
+    model = build_model(False, 1, "cuda", layers=args.layers, adapter_dtype="fp32")  # a0: rank 16
+    for index, rank in enumerate(STATIC_RANKS[1:], start=1):
+        lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, init_lora_weights=False)
+        model.add_adapter(f"a{index}", lora)  # PEFT's default: fp32 adapters
+    model.eval()
+    adapter_bytes = sum(parameter.nbytes for name, parameter in model.named_parameters() if "lora_" in name)
+    ids = torch.randint(3, 1000, (len(STATIC_RANKS), 8), device="cuda")
+    names = [f"a{index}" for index in range(len(STATIC_RANKS))]
+
+    def held() -> int:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        return torch.cuda.memory_allocated()
+
+    peft_alone = held()
+    rows = [{"config": "static", "row": "peft", "static_gib": peft_alone / GIB, "added_gib": 0.0}]
+    for backend in args.backends:
+        patch_model(model, backend=backend)
+        with torch.no_grad():
+            model(input_ids=ids, adapter_names=names, use_cache=False, logits_to_keep=1)
+        added = held() - peft_alone
+        rows.append({"config": "static", "row": f"ours_{backend}", "static_gib": (peft_alone + added) / GIB,
+                     "added_gib": added / GIB})  # fmt: skip
+        unpatch_model(model)
+    for row in rows:
+        row.update(adapter_gib=adapter_bytes / GIB, added_fraction=row["added_gib"] * GIB / adapter_bytes,
+                   layers=args.layers, ranks=list(STATIC_RANKS), adapter_dtype="float32")  # fmt: skip
+        share = f"{100 * row['added_fraction']:.2f}% of the adapters' {row['adapter_gib']:.3f} GiB"
+        held_gib, added_gib = row["static_gib"], row["added_gib"]
+        print(f"  static {row['row']:>14}: held {held_gib:7.3f} GiB, added {added_gib:.4f} GiB = {share}", flush=True)
+    return rows
+
+
+def write(args, results: list[dict]) -> None:
+    """Merge ``results`` into ``args.out``, replacing earlier rows of the same configuration."""
     previous = []
     if os.path.exists(args.out):
         with open(args.out) as handle:

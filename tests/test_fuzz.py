@@ -5,11 +5,15 @@ embedding and lm_head), a batch (size, length, left or right padding) and a row 
 repeat names and use ``__base__``. PEFT's own mixed batch on the same model is the oracle: logits at the dtype's
 tolerance and greedy tokens of a short generate equal.
 
+Most examples then edit adapter x0 the ways users do after a call (``.data`` writes, NumPy views, ``.data =``,
+``set_scale``), alike in the patched model and in an unpatched copy, and compare the next call again.
+
 ``FUZZ_EXAMPLES`` scales the example counts (CI runs the defaults; the device runs the bf16 variant with more).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -18,6 +22,7 @@ from helpers import assert_close_relative, assert_unpatched, fp32_oracle, interp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model
+from test_storage import data_assign, data_copy, data_mul, edit_every_layer, numpy_write, set_scale
 
 from peft_fastlora import patch_model, tiny, unpatch_model
 
@@ -57,6 +62,8 @@ def scenarios(draw, max_batch: int = 6, max_length: int = 9):
         "seed": draw(st.integers(0, 2**16)),
         # PEFT's autocast_adapter_dtype: True (its default) keeps a bf16 model's adapters in fp32 (no-op in fp32).
         "autocast": draw(st.booleans()),
+        # An edit of adapter x0 after the first patched call, made to the model and to an unpatched copy alike.
+        "edit": draw(st.sampled_from([None, *EDITS])),
     }
 
 
@@ -76,8 +83,18 @@ def build(scenario: dict, dtype: torch.dtype, device: str):
     return model.to(device).eval(), {key: value.to(device) for key, value in batch.items()}
 
 
+EDITS = {
+    "lora_B.data.copy_": edit_every_layer(data_copy, "x0", "B"),
+    "lora_A.data.mul_": edit_every_layer(data_mul, "x0", "A"),
+    "numpy_view": edit_every_layer(numpy_write, "x0", "B"),
+    "data_assign": edit_every_layer(data_assign, "x0", "A"),
+    "set_scale": set_scale("x0"),
+}
+
+
 def check(scenario: dict, backend: str, dtype=torch.float32, device="cpu", rtol=1e-5) -> None:
     model, batch = build(scenario, dtype, device)
+    oracle = copy.deepcopy(model) if scenario["edit"] else None
     names = scenario["names"]
     generate = {"max_new_tokens": 2, "do_sample": False, "pad_token_id": 0}
     with torch.no_grad():
@@ -89,6 +106,11 @@ def check(scenario: dict, backend: str, dtype=torch.float32, device="cpu", rtol=
         assert_close_relative(model(**batch, adapter_names=names).logits, expected, rtol=rtol)
         if expected_tokens is not None and dtype == torch.float32:
             assert torch.equal(model.generate(**batch, adapter_names=names, **generate), expected_tokens)
+        if oracle is not None:
+            for target in (model, oracle):
+                EDITS[scenario["edit"]](target, seed=scenario["seed"])
+            expected = oracle(**batch, adapter_names=names).logits
+            assert_close_relative(model(**batch, adapter_names=names).logits, expected, rtol=rtol)
         unpatch_model(model)
 
 

@@ -51,38 +51,50 @@ def weights(layer: LoraLayer, name: str, part: str) -> torch.nn.Parameter:
 
 
 def edit_every_layer(edit, name: str, part: str):
-    """Apply ``edit(parameter, fresh)`` to adapter ``name``'s ``part`` in every layer, with one fresh tensor per
-    layer that both models get alike."""
+    """Apply ``edit(parameter, fresh)`` to adapter ``name``'s ``part`` in every layer that holds it, with one fresh
+    tensor per layer that both models get alike."""
 
     def apply(model, seed):
         generator = torch.Generator().manual_seed(seed)
         for layer in lora_layers(model):
+            if name not in layer.lora_A and name not in layer.lora_embedding_A:
+                continue
             parameter = weights(layer, name, part)
-            edit(parameter, torch.randn(parameter.shape, generator=generator) * 0.3)
+            fresh = torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype) * 0.3
+            edit(parameter, fresh.to(parameter.device))
 
     return apply
 
 
-def _data_copy(parameter, fresh):
+def data_copy(parameter, fresh):
     parameter.data.copy_(fresh)
 
 
-def _data_mul(parameter, fresh):
+def data_mul(parameter, fresh):
     parameter.data.mul_(3)
 
 
-def _numpy(parameter, fresh):
+def numpy_write(parameter, fresh):
+    """Through a NumPy view of the parameter's memory (which torch cannot see); on a GPU, through ``.data``."""
+    if parameter.device.type != "cpu":
+        parameter.data.copy_(fresh)
+        return
     parameter.detach().numpy()[...] = fresh.numpy()
 
 
-def _data_assign(parameter, fresh):
+def data_assign(parameter, fresh):
     parameter.data = fresh.clone()
 
 
-def _set_scale(model, seed):
-    for layer in lora_layers(model):
-        if "b" in layer.scaling:
-            layer.set_scale("b", 0.25)
+def set_scale(name: str):
+    """PEFT's ``set_scale`` of adapter ``name`` in every layer that holds it."""
+
+    def apply(model, seed):
+        for layer in lora_layers(model):
+            if name in layer.scaling:
+                layer.set_scale(name, 0.25)
+
+    return apply
 
 
 def _load_state_dict(assign: bool):
@@ -109,11 +121,11 @@ def _merge_and_unmerge(model, seed):
 
 
 EDITS = {
-    "lora_A.data.copy_": edit_every_layer(_data_copy, "a", "A"),
-    "lora_B.data.mul_": edit_every_layer(_data_mul, "b", "B"),
-    "numpy_view": edit_every_layer(_numpy, "a", "B"),
-    "data_assign": edit_every_layer(_data_assign, "b", "A"),
-    "set_scale": _set_scale,
+    "lora_A.data.copy_": edit_every_layer(data_copy, "a", "A"),
+    "lora_B.data.mul_": edit_every_layer(data_mul, "b", "B"),
+    "numpy_view": edit_every_layer(numpy_write, "a", "B"),
+    "data_assign": edit_every_layer(data_assign, "b", "A"),
+    "set_scale": set_scale("b"),
     "load_state_dict": _load_state_dict(assign=False),
     "load_state_dict_assign": _load_state_dict(assign=True),
     "model.to(float64)": _to_float64,
@@ -152,7 +164,7 @@ def test_layers_shared_by_two_patched_models_are_served_right(adapter_dirs):
     model1(**batch, adapter_names=["a"] * len(NAMES))
     model2 = patch_model(rewrap(model1))
     for model in (model2, oracle2):
-        edit_every_layer(_data_mul, "a", "B")(model, seed=0)
+        edit_every_layer(data_mul, "a", "B")(model, seed=0)
     assert_close_relative(model1(**batch, adapter_names=NAMES).logits, oracle1(**batch, adapter_names=NAMES).logits)
     assert_close_relative(model2(**batch, adapter_names=NAMES).logits, oracle2(**batch, adapter_names=NAMES).logits)
 
@@ -260,7 +272,7 @@ def test_delete_and_re_add_with_edits_between(cycles, ranks):
             torch.manual_seed(100 + cycle)
             target.add_adapter("b", config)
             target.eval()
-            edit_every_layer(_data_copy, "a", "B")(target, seed=cycle)
+            edit_every_layer(data_copy, "a", "B")(target, seed=cycle)
         assert_close_relative(model(**batch, adapter_names=NAMES).logits, oracle(**batch, adapter_names=NAMES).logits)
 
 
