@@ -171,14 +171,38 @@ def _model_device(layers: list[LoraLayer]) -> torch.device:
     return layers[0].get_base_layer().weight.device
 
 
+def _adapter_modules(root: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """``(path, module)`` of every LoRA layer and ``modules_to_save`` wrapper under ``root``, in ``named_modules``
+    order, each once.
+
+    It runs on every mixed call, so it does not descend into LoRA layers: their children are only adapter weights
+    and the base layer, and a Llama-3-8B-shaped model with 8 adapters holds ~30 modules per LoRA layer, which made
+    ``named_modules`` the largest host cost of a call's set-up."""
+    found, seen = [], set()
+
+    def visit(module: torch.nn.Module, prefix: str) -> None:
+        for name, child in module._modules.items():
+            if child is None or id(child) in seen:
+                continue
+            seen.add(id(child))
+            if isinstance(child, (LoraLayer, AuxiliaryTrainingWrapper)):
+                found.append((prefix + name, child))
+            if not isinstance(child, LoraLayer):
+                visit(child, f"{prefix}{name}.")
+
+    visit(root, "")
+    return found
+
+
 def _sync_layers(
     lora_model: LoraModel, state: PatchState | None, warn: bool = False
 ) -> tuple[list[LoraLayer], list[LoraLayer]]:
     """Find every LoRA layer and patch the ones the packed path serves (layers PEFT added since, too).
 
     With ``warn``, name the LoRA layer types left on PEFT's path in one warning. Returns
-    ``(all_lora_layers, fast_layers)``."""
-    named = [(name, module) for name, module in lora_model.named_modules() if isinstance(module, LoraLayer)]
+    ``(all_lora_layers, fast_layers)``; the bank also keeps the modules that PEFT's hooks serve (``peft_served``)."""
+    found = _adapter_modules(lora_model)
+    named = [(name, module) for name, module in found if isinstance(module, LoraLayer)]
     lora_layers = [module for _, module in named]
     fast, others = [], set()
     for layer in lora_layers:
@@ -198,6 +222,7 @@ def _sync_layers(
         )
     if state is not None:
         fast_ids = {id(layer) for layer in fast}
+        state.bank.peft_served = [module for _, module in found if id(module) not in fast_ids]
         state.bank.layer_names = {id(module): name for name, module in named}
         state.bank.sibling_candidates = sibling_groups([(n, m) for n, m in named if id(m) in fast_ids])
     return lora_layers, fast
@@ -390,10 +415,11 @@ def _inject_adapter_names(module, args, kwargs, state: PatchState, plan: BatchPl
     return args, kwargs
 
 
-def _peft_path_modules(lora_model: LoraModel, state: PatchState, named: set[str]):
-    """Modules that keep receiving ``adapter_names`` from a hook, as in plain PEFT: non-fast LoRA layers,
-    ``modules_to_save`` wrappers, and fast layers holding a named adapter that the packed path cannot serve."""
-    for module in lora_model.modules():
+def _peft_path_modules(modules, named: set[str]):
+    """Of ``modules``, those that keep receiving ``adapter_names`` from a hook, as in plain PEFT: non-fast LoRA
+    layers, ``modules_to_save`` wrappers, and fast layers holding a named adapter that the packed path cannot
+    serve."""
+    for module in modules:
         if is_fast_layer(module):
             if module._fastlora_unsupported & named:
                 yield module
@@ -475,7 +501,7 @@ def _mixed_batch_context(lora_model: torch.nn.Module, *args, **kwargs):
                 functools.partial(_inject_adapter_names, state=state, plan=plan, adapter_names=expanded_names),
                 with_kwargs=True,
             )
-            for module in _peft_path_modules(lora_model, state, set(names))
+            for module in _peft_path_modules([*bank.fast_layers, *bank.peft_served], set(names))
         ]
         encoder = _encoder(_inner_model(lora_model))
         if expand > 1 and encoder is not None:
@@ -485,7 +511,7 @@ def _mixed_batch_context(lora_model: torch.nn.Module, *args, **kwargs):
                     functools.partial(_inject_adapter_names, state=state, plan=plan, adapter_names=names),
                     with_kwargs=True,
                 )
-                for module in _peft_path_modules(encoder, state, set(names))
+                for module in _peft_path_modules(encoder.modules(), set(names))
             ]
         local.plan, local.peft_hooks = plan, bool(handles)
         if handles:
