@@ -204,22 +204,23 @@ def pack(
     for index, adapters in enumerate(members):
         scales = [0.0] * num_slots
         b = torch.empty(b_rows[index] * out_features[index], dtype=dtype, device=device)
-        pack = PackedLora(
+        packed = PackedLora(
             a, b, out_features[index], a_offsets[index], b_offsets[index], ranks[index], as_tensor(a_offsets[index]),
-            as_tensor(b_offsets[index]), as_tensor(ranks[index]), torch.zeros(num_slots, device=a.device),
+            as_tensor(b_offsets[index]), as_tensor(ranks[index]),
+            torch.zeros(num_slots, dtype=torch.float32, device=a.device),
         )  # fmt: skip
         with torch.no_grad():
             for slot, (lora_a, lora_b, scaling) in adapters.items():
-                view_a, view_b, _ = pack.adapter(slot)
+                view_a, view_b, _ = packed.adapter(slot)
                 view_a.copy_(lora_a)
                 view_b.copy_(lora_b)
                 scales[slot] = scaling
-            pack.scales.copy_(torch.tensor(scales))
+            packed.scales.copy_(torch.tensor(scales))
         if group is not None:
-            pack.group, pack.leader, pack.last = group, index == 0, index == count - 1
+            packed.group, packed.leader, packed.last = group, index == 0, index == count - 1
             starts = zip(a_offsets[index], group_offsets, ranks[index], strict=True)
-            pack.h_cols = as_tensor([start - group_start if rank else 0 for start, group_start, rank in starts])
-        packs.append(pack)
+            packed.h_cols = as_tensor([start - group_start if rank else 0 for start, group_start, rank in starts])
+        packs.append(packed)
     return packs
 
 
@@ -333,6 +334,10 @@ def _placement(layer: LoraLayer) -> tuple:
 _data_ptr = torch._C.TensorBase.data_ptr
 
 
+def _scaling_key(scaling) -> object:
+    return (scaling, scaling._version) if isinstance(scaling, torch.Tensor) else scaling
+
+
 def _weight(module: torch.nn.Module) -> torch.Tensor:
     weight = module._parameters.get("weight")
     return module.weight if weight is None else weight  # a variant may keep it elsewhere
@@ -341,8 +346,9 @@ def _weight(module: torch.nn.Module) -> torch.Tensor:
 class _Unit:
     """The layers packed together (one layer, or a sibling group) and what the per-call check compares."""
 
-    def __init__(self, layers: list[LoraLayer]):
+    def __init__(self, layers: list[LoraLayer], num_slots: int):
         self.layers = layers
+        self.num_slots = num_slots  # the bank's slot count when packed
         self.placements: list[tuple] = []
         self.held: list[dict] = []  # the parameters the placements name, so that their ids stay unique
         self.scalings: list[tuple] = []  # per layer, per slot: the scaling in the stored scales
@@ -372,6 +378,14 @@ class AdapterBank:
         the lowest free slot, a deleted one frees its slot, and no other adapter is renumbered.
     num_slots : int
         The length of every per-slot array (the highest slot id in use + 1, never shrinking).
+    groups : list[SiblingGroup]
+        The sibling groups of the current packing (their shrink outputs are dropped at the end of each call).
+    sibling_candidates : list[list[LoraLayer]]
+        Fast layers that read one input, by parent (``sibling_groups``); each list is packed as one unit.
+    layer_names : dict[int, str]
+        ``id(layer)`` → module path, for error messages.
+    peft_served : list[torch.nn.Module]
+        LoRA layers and ``modules_to_save`` wrappers left to PEFT's hooks (set by ``patch._sync_layers``).
     """
 
     def __init__(self, lora_layers: list[LoraLayer], fast_layers: list[LoraLayer]):
@@ -396,8 +410,8 @@ class AdapterBank:
             names |= layer.lora_embedding_A.keys()
         return names
 
-    def _assign_slots(self) -> bool:
-        """Free the slots of deleted adapters and give new ones the lowest free slots; True if ``num_slots`` grew."""
+    def _assign_slots(self) -> None:
+        """Free the slots of deleted adapters and give new ones the lowest free slots (``num_slots`` never shrinks)."""
         names = self.adapter_names()
         for name in [name for name in self.slots if name not in names]:
             del self.slots[name]
@@ -405,15 +419,21 @@ class AdapterBank:
         free = (slot for slot in range(len(names) + len(taken) + 1) if slot not in taken)
         for name in sorted(names - self.slots.keys()):
             self.slots[name] = next(free)
-        num_slots = max(self.slots.values(), default=-1) + 1
-        grew = num_slots > self.num_slots
-        self.num_slots = max(num_slots, self.num_slots)
-        return grew
-
-    def refresh(self) -> None:
-        """Bring slots, storage and scales up to date with PEFT's layers (see the module docstring)."""
-        repack_all = self._assign_slots()
+        self.num_slots = max(self.num_slots, max(self.slots.values(), default=-1) + 1)
         self._slot_names = {slot: name for name, slot in self.slots.items()}
+
+    def refresh(self, named: set[str] | None = None) -> None:
+        """Bring slots, storage and scales up to date with PEFT's layers (see the module docstring).
+
+        Parameters
+        ----------
+        named : set[str] or None
+            The adapters the coming call names: only their DoRA rescale is recomputed (all where None).
+        """
+        self._assign_slots()
+        # Drop the groups (and what they remember) before repacking, so that old storage is freed unit by unit.
+        self.forget_inputs()
+        self.groups = []
         grouped = {id(layer) for members in self.sibling_candidates for layer in members}
         units = [list(members) for members in self.sibling_candidates]
         units += [[layer] for layer in self.fast_layers if id(layer) not in grouped]
@@ -421,19 +441,22 @@ class AdapterBank:
         kept: dict[tuple[int, ...], _Unit] = {}
         for layers in units:
             key = tuple(map(id, layers))
-            unit = self._units.get(key)
-            if unit is None or repack_all or not unit.is_current():
-                unit = _Unit(layers)
+            unit = self._units.pop(key, None)
+            # A unit packed for fewer slots (a new adapter took a new slot), or left behind by a refresh that raised
+            # part-way, is repacked: its per-slot arrays must cover every slot a plan can name.
+            if unit is None or unit.num_slots != self.num_slots or not unit.is_current():
+                unit = _Unit(layers, self.num_slots)
                 left_to_peft |= self._pack(unit)
             else:
                 self._update_scales(unit)
             for layer in layers:
-                packed = layer._fastlora_packed
-                if packed.dora is not None:
-                    refresh_dora_scales(layer, self.slots, packed.dora)
+                dora = layer._fastlora_packed.dora
+                if dora is not None:
+                    refresh_dora_scales(layer, self.slots, dora, named)
             kept[key] = unit
+            if len(layers) > 1:
+                self.groups.append(layers[0]._fastlora_packed.group)
         self._units = kept
-        self.groups = [unit.layers[0]._fastlora_packed.group for unit in kept.values() if len(unit.layers) > 1]
         self._warn_left_to_peft(left_to_peft)
 
     def _pack(self, unit: _Unit) -> set[tuple[str, str]]:
@@ -455,9 +478,8 @@ class AdapterBank:
             for name, (a, b) in weights.items():
                 if a.dtype != dtype or b.dtype != dtype:
                     skip[name] = f"{a.dtype} weights beside {dtype} ones in one layer"
-            members.append(
-                {self.slots[name]: (a, b, layer.scaling[name]) for name, (a, b) in weights.items() if name not in skip}
-            )
+            served = {name: pair for name, pair in weights.items() if name not in skip}
+            members.append({self.slots[name]: (a, b, float(layer.scaling[name])) for name, (a, b) in served.items()})
         out_features = [layer.out_features for layer in unit.layers]
         packs = pack(members, self.num_slots, unit.layers[0].in_features, out_features, dtype, base_weight.device)
         left_to_peft = set()
@@ -477,8 +499,11 @@ class AdapterBank:
         return left_to_peft
 
     def _scalings(self, layer: LoraLayer, served) -> tuple:
-        """``((slot, PEFT's scaling), ...)`` of the served slots, in slot order."""
-        return tuple((slot, layer.scaling[self._slot_names[slot]]) for slot in sorted(served))
+        """``((slot, scaling key), ...)`` of the served slots, in slot order. A scaling is a float, or a 0-d tensor
+        that PEFT changes in place (``prepare_model_for_compiled_hotswap``, then ``hotswap_adapter``'s ``fill_``):
+        its key is the tensor and its version counter, since the tensor compares equal to itself however it
+        changed (and reading its value would cost a device sync per layer and call)."""
+        return tuple((slot, _scaling_key(layer.scaling[self._slot_names[slot]])) for slot in sorted(served))
 
     def _update_scales(self, unit: _Unit) -> None:
         """Rewrite the stored scales of layers whose PEFT scaling changed (``set_scale``, ``scale_layer``), in place
@@ -489,8 +514,8 @@ class AdapterBank:
             scalings = self._scalings(layer, served)
             if scalings != unit.scalings[index]:
                 values = [0.0] * self.num_slots
-                for slot, scaling in scalings:
-                    values[slot] = scaling
+                for slot, _ in scalings:
+                    values[slot] = float(layer.scaling[self._slot_names[slot]])
                 packed.scales.copy_(torch.tensor(values))
                 unit.scalings[index] = scalings
 

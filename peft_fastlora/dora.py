@@ -77,25 +77,34 @@ def dora_scales(layer: LoraLayer, slots: dict[str, int], num_slots: int, names: 
 
 
 @torch.no_grad()
-def refresh_dora_scales(layer: LoraLayer, slots: dict[str, int], dora: DoraScales) -> None:
+def refresh_dora_scales(
+    layer: LoraLayer, slots: dict[str, int], dora: DoraScales, named: set[str] | None = None
+) -> None:
     """Recompute ``g = magnitude / ||W + scaling·B·A||`` of each DoRA adapter into ``dora``, in place.
 
     ``g`` depends on the base weight, A, B, the magnitude and the scaling, any of which may have been edited in
-    place since the last call; PEFT recomputes the norm on every forward, the patch on every call.
+    place since the last call; PEFT recomputes the norm on every forward, the patch on every call, for the adapters
+    the call names (``named``; all where None): the rows of the others are not read by it.
 
     The norm is PEFT's own (``DoraLinearLayer.get_weight_norm``), computed as PEFT's forward does: PEFT casts the
     layer input to the adapter's dtype before the DoRA forward, so base weight and ``B·A`` enter the norm in the
     adapter's dtype (fp32 for the fp32 adapters PEFT loads by default onto a bf16 model; computing it in bf16 costs
     accuracy). The scales are kept in that dtype, at least fp32.
     """
+    names = [name for name in dora.names if named is None or name in named]
+    if not names:
+        return
     base_layer = layer.get_base_layer()
     weight = dequantize_module_weight(base_layer).detach()
-    for name in dora.names:
+    cast = {}  # the base weight in each adapter dtype, cast once
+    for name in names:
         magnitude = layer.lora_magnitude_vector[name]
         adapter_dtype = layer.lora_A[name].weight.dtype
+        if adapter_dtype not in cast:
+            cast[adapter_dtype] = weight.to(adapter_dtype)
         lora_weight = (layer.lora_B[name].weight @ layer.lora_A[name].weight).to(adapter_dtype)
         norm = magnitude.get_weight_norm(
-            weight=weight.to(adapter_dtype), lora_weight=lora_weight, scaling=layer.scaling[name]
+            weight=cast[adapter_dtype], lora_weight=lora_weight, scaling=layer.scaling[name]
         )
         dora.scales[slots[name] + 1] = magnitude.weight / norm
     if dora.bias is not None:

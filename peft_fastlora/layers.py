@@ -6,8 +6,8 @@ batch is in flight (no plan) or PEFT hands the layer ``adapter_names`` itself (a
 call), the forward is PEFT's own.
 
 Where autograd must see the layer (grad mode on and the input, an adapter weight or the base weight requires grad),
-the layer also takes PEFT's own mixed-batch forward, with the names of this call's rows: the packed weights are
-detached copies and the Triton kernels have no backward, so the packed path would lose the LoRA gradients.
+the layer also takes PEFT's own mixed-batch forward, with the names of this call's rows: the kernels have no
+backward, so the packed path would lose the LoRA gradients.
 (A DoRA adapter there gets PEFT's own DoRA error, as in plain PEFT; run inference under ``torch.no_grad()``.)
 
 A fast layer pickles and deep-copies as the PEFT layer it was (``__reduce_ex__``): the copy holds no patch state of

@@ -397,6 +397,14 @@ def _validate_names(lora_model: LoraModel, bank: AdapterBank, adapter_names: obj
     return [str(name) for name in adapter_names]  # numpy's str_ entries become plain str
 
 
+def _refuse_dora_left_to_peft(bank: AdapterBank, named: set[str]) -> None:
+    """PEFT's DoRA error where a named DoRA adapter is left to PEFT's path in some fast layer (its dtype differs from
+    the layer's other adapters, known only once the bank has packed): PEFT's own layer would raise it mid-forward."""
+    for layer in bank.fast_layers:
+        if named & layer._fastlora_unsupported & dora_adapters(layer):
+            raise peft_messages.dora_enabled()
+
+
 def _expand_size(lora_model: torch.nn.Module, kwargs: dict) -> int:
     """How many copies of each input row ``generate`` will run: ``max(num_beams, num_return_sequences)``, as
     transformers' ``_expand_inputs_for_generation`` does. PEFT itself only expands for ``num_beams`` kwargs."""
@@ -486,7 +494,8 @@ def _mixed_batch_context(lora_model: torch.nn.Module, *args, **kwargs):
         bank = state.bank
         bank.lora_layers, bank.fast_layers = lora_layers, fast
         names = _validate_names(lora_model, bank, adapter_names, kwargs)
-        bank.refresh()
+        bank.refresh(set(names))
+        _refuse_dora_left_to_peft(bank, set(names))
         slots = bank.slot_ids(names)
     expand = _expand_size(lora_model, kwargs)
     local = state._local

@@ -346,3 +346,63 @@ def test_fresh_parameter_objects_repack(adapter_dirs):
                     fresh.weight.copy_(old.weight * 2)
                     layer.lora_A["a"] = fresh
         assert_close_relative(model(**batch, adapter_names=NAMES).logits, oracle(**batch, adapter_names=NAMES).logits)
+
+
+@torch.no_grad()
+def test_tensor_scalings_changed_in_place_are_seen():
+    """PEFT's compiled hotswap (``prepare_model_for_compiled_hotswap``) makes every scaling a 0-d tensor that
+    ``hotswap_adapter`` then changes with ``fill_``: the same object, a new value."""
+    model, oracle, batch = patched_and_oracle("torch")
+    for target in (model, oracle):
+        for layer in lora_layers(target):
+            for name in layer.scaling:
+                layer.scaling[name] = torch.tensor(float(layer.scaling[name]))
+    assert_close_relative(model(**batch, adapter_names=NAMES).logits, oracle(**batch, adapter_names=NAMES).logits)
+    for value in (0.3, 1.7):
+        for target in (model, oracle):
+            for layer in lora_layers(target):
+                if "b" in layer.scaling:
+                    layer.scaling["b"].fill_(value)
+        expected = oracle(**batch, adapter_names=NAMES).logits
+        assert_close_relative(model(**batch, adapter_names=NAMES).logits, expected)
+
+
+@torch.no_grad()
+def test_a_refresh_that_raised_part_way_leaves_nothing_half_packed():
+    """A new adapter takes a new slot; one late layer's weights are bad, so the first call raises while the bank
+    repacks; once the user fixes them, the next call is right (no layer keeps per-slot arrays of the old size)."""
+    model, oracle, batch = patched_and_oracle("torch")
+    for target in (model, oracle):
+        torch.manual_seed(7)
+        target.add_adapter("c", _config(4))
+        target.eval()
+    q_proj = model.base_model.model.model.layers[1].self_attn.q_proj
+    good = q_proj.lora_A["c"].weight.data
+    q_proj.lora_A["c"].weight.data = torch.zeros(3, good.shape[1])
+    names = ["c", "a", "__base__", "c", "b"]
+    with pytest.raises(ValueError, match="do not fit the layer"):
+        model(**batch, adapter_names=names)
+    q_proj.lora_A["c"].weight.data = good
+    assert_close_relative(model(**batch, adapter_names=names).logits, oracle(**batch, adapter_names=names).logits)
+
+
+@torch.no_grad()
+def test_dora_adapter_in_another_dtype_gets_peft_error_before_running():
+    """A DoRA adapter whose dtype differs from its layers' other adapters is left to PEFT's path there, and PEFT
+    refuses DoRA in a mixed batch: that error comes before anything runs, not from inside the forward."""
+    from peft_fastlora.peft_messages import dora_enabled
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny.build_base_model("llama"), _config(4), adapter_name="a").eval()
+    model.add_adapter("d", LoraConfig(r=8, target_modules=tiny.TARGET_MODULES["llama"], use_dora=True,
+                                      init_lora_weights=False))  # fmt: skip
+    for layer in lora_layers(model):
+        for part in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector):
+            if "d" in part:
+                part["d"].double()
+    patch_model(model.eval(), backend="torch")
+    batch = tiny.random_prompts(2, 4, seed=1)
+    with pytest.raises(ValueError) as error:
+        model(**batch, adapter_names=["d", "a"])
+    assert str(error.value) == str(dora_enabled())
+    model(**batch, adapter_names=["a", "__base__"])  # the other adapters are still served
