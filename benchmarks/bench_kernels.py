@@ -1,24 +1,29 @@
-"""One LoRA layer's shrink+expand on the GPU: torch backend vs Triton, against the HBM floor.
+"""One LoRA layer's shrink+expand on the GPU: torch backend vs Triton (and FlashInfer where installed), against
+the HBM floor.
 
 For each case it builds packed bf16 adapters and a plan with the tokens' adapters assigned round-robin, then
 times ``backend.add_lora`` two ways:
 
 - wall: ``triton.testing.do_bench`` of the eager call (includes Python and launch cost);
 - graph: ``do_bench`` of a CUDA-graph replay of the same call (device time without the host), what CUDA-graph
-  decode pays.
+  decode pays. FlashInfer's graph replays the one assignment it was captured with (its wrapper takes the segment
+  count from the host), which is all this benchmark replays; it is its device time, not a graph a model could reuse.
 
 The floor is the bytes that must move (x, y read and written, the distinct adapters' A and B) divided by the
 copy bandwidth measured in the same run. Prefill is also compared with a dense single-adapter
 ``x @ Aᵀ @ Bᵀ`` of the same shape done by torch.
 
     python benchmarks/bench_kernels.py --out results/kernels.json
+    python benchmarks/bench_kernels.py --tokens 1,32,512 --ranks 16 --adapters 8 --out kernels_fi.json
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
+import time
 from types import SimpleNamespace
 
 import torch
@@ -64,7 +69,41 @@ def graph_time(function) -> float:
     return triton.testing.do_bench(graph.replay, rep=100)
 
 
-def run_case(rows: int, tokens_per_row: int, num_adapters: int, rank: int, k: int, n: int, bandwidth: float) -> dict:
+def flashinfer_backends() -> list:
+    """The FlashInfer backend where it is installed and runs here, else nothing (its first call JIT-compiles)."""
+    if importlib.util.find_spec("flashinfer") is None:
+        return []
+    from peft_fastlora.backends.flashinfer import FlashInferBackend
+
+    return [FlashInferBackend()]
+
+
+def first_call_seconds(backend) -> float:
+    """Seconds of the backend's first ``add_lora`` (decode, 8 adapters, rank 16, 4096×4096), synchronized."""
+    packed = packed_adapters(8, 16, 4096, 4096)
+    plan = BatchPlan("cuda")
+    plan.fill(list(range(8)))
+    x = torch.randn(8, 1, 4096, device="cuda", dtype=DTYPE)
+    y = torch.randn(8, 1, 4096, device="cuda", dtype=DTYPE)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    backend.add_lora(y, x, packed, plan.view(8, flattened=False))
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def try_graph_time(function) -> float | None:
+    try:
+        return graph_time(function)
+    except Exception as error:  # a capture FlashInfer's wrapper refuses: report it, keep the other numbers
+        print(f"graph capture failed: {type(error).__name__}: {str(error)[:200]}")
+        torch.cuda.synchronize()
+        return None
+
+
+def run_case(
+    rows: int, tokens_per_row: int, num_adapters: int, rank: int, k: int, n: int, bandwidth: float, extra=()
+) -> dict:
     packed = packed_adapters(num_adapters, rank, k, n)
     plan = BatchPlan("cuda")
     plan.fill([row % num_adapters for row in range(rows)])
@@ -79,10 +118,11 @@ def run_case(rows: int, tokens_per_row: int, num_adapters: int, rank: int, k: in
         "rows": rows, "tokens_per_row": tokens_per_row, "adapters": num_adapters, "rank": rank, "k": k, "n": n,
         "floor_us": floor_us,
     }  # fmt: skip
-    for backend in (TorchBackend(), TritonBackend()):
+    for backend in (TorchBackend(), TritonBackend(), *extra):
         call = lambda backend=backend: backend.add_lora(y, x, packed, view)  # noqa: E731
         result[f"{backend.name}_wall_us"] = triton.testing.do_bench(call, rep=100) * 1e3
-        result[f"{backend.name}_graph_us"] = graph_time(call) * 1e3
+        graph_ms = try_graph_time(call)
+        result[f"{backend.name}_graph_us"] = None if graph_ms is None else graph_ms * 1e3
     if tokens_per_row > 1:
         a, b = packed.a[:rank], packed.b_t[:rank]
         dense = lambda: y.view(tokens, n).add_((x.view(tokens, k) @ a.t()) @ b)  # noqa: E731
@@ -128,36 +168,58 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="kernels.json")
     parser.add_argument("--quick", action="store_true", help="a handful of cases only")
+    parser.add_argument("--tokens", help="comma-separated decode token counts to keep (e.g. 1,32,512)")
+    parser.add_argument("--ranks", help="comma-separated ranks to keep")
+    parser.add_argument("--adapters", help="comma-separated adapter counts to keep")
+    parser.add_argument("--no-siblings", action="store_true", help="skip the sibling (shared shrink) table")
     args = parser.parse_args()
     torch.manual_seed(0)
     bandwidth = copy_bandwidth()
     selected = list(cases())
     if args.quick:
         selected = [case for case in selected if case[0] == 32 and case[3] == 16] + selected[-2:]
+    for option, index in ((args.tokens, 0), (args.ranks, 3), (args.adapters, 2)):
+        if option:
+            keep = {int(value) for value in option.split(",")}
+            selected = [case for case in selected if case[1] > 1 or case[index] in keep]
+    extra = flashinfer_backends()
+    first_call_s = None
+    if extra:  # the first call compiles FlashInfer's kernels (or loads them from its cache): timed apart
+        first_call_s = first_call_seconds(extra[0])
+        print(f"FlashInfer first call (JIT compile or cache load, and the import): {first_call_s:.1f} s")
     results = []
     header = (
         f"{'M':>5} {'S':>4} {'n':>3} {'r':>3} {'K':>6} {'N':>6} | {'floor':>7} | {'torch wall':>10} {'graph':>7} | "
-        f"{'triton wall':>11} {'graph':>7} {'×floor':>7} | {'dense 1-ad':>10}"
+        f"{'triton wall':>11} {'graph':>7} {'×floor':>7} | "
+        + (f"{'flashinfer wall':>15} {'graph':>7} {'×floor':>7} | " if extra else "")
+        + f"{'dense 1-ad':>10}"
     )
     print(f"device: {torch.cuda.get_device_name()}, copy bandwidth {bandwidth / 1e12:.2f} TB/s, times in µs")
     print(header)
     for case in selected:
-        result = run_case(*case, bandwidth)
+        result = run_case(*case, bandwidth, extra)
         results.append(result)
         dense = result.get("dense_single_adapter_us")
         dense_text = "-" if dense is None else f"{dense:.1f}"
+        flashinfer_text = ""
+        if extra:
+            graph = result["flashinfer_graph_us"]
+            graph_text = f"{'-':>7} {'-':>7}" if graph is None else f"{graph:>7.1f} {graph / result['floor_us']:>7.2f}"
+            flashinfer_text = f"{result['flashinfer_wall_us']:>15.1f} {graph_text} | "
         print(
             f"{result['rows']:>5} {result['tokens_per_row']:>4} {result['adapters']:>3} {result['rank']:>3} "
             f"{result['k']:>6} {result['n']:>6} | {result['floor_us']:>7.1f} | {result['torch_wall_us']:>10.1f} "
             f"{result['torch_graph_us']:>7.1f} | {result['triton_wall_us']:>11.1f} {result['triton_graph_us']:>7.1f} "
-            f"{result['triton_graph_us'] / result['floor_us']:>7.2f} | {dense_text:>10}"
+            f"{result['triton_graph_us'] / result['floor_us']:>7.2f} | {flashinfer_text}{dense_text:>10}",
+            flush=True,
         )
     print("siblings (q/k/v 4096 → 4096, 1024, 1024; gate/up 4096 → 14336 ×2): shared shrink vs one per layer, µs")
     print(f"{'M':>5} {'S':>4} {'n':>3} {'r':>3} {'outs':>14} | {'separate wall':>13} {'graph':>7} | "
           f"{'shared wall':>11} {'graph':>7}")  # fmt: skip
     siblings = []
-    for rows, tokens_per_row, outs in ((1, 1, (4096, 1024, 1024)), (32, 1, (4096, 1024, 1024)),
-                                       (32, 1, (14336, 14336)), (8, 512, (4096, 1024, 1024))):  # fmt: skip
+    sibling_cases = ((1, 1, (4096, 1024, 1024)), (32, 1, (4096, 1024, 1024)),
+                     (32, 1, (14336, 14336)), (8, 512, (4096, 1024, 1024)))  # fmt: skip
+    for rows, tokens_per_row, outs in () if args.no_siblings else sibling_cases:
         result = run_siblings(rows, tokens_per_row, 8, 16, 4096, outs)
         siblings.append(result)
         print(
@@ -169,6 +231,11 @@ def main() -> None:
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
         "python": platform.python_version(), "copy_bandwidth_bytes_per_s": bandwidth, "dtype": str(DTYPE),
     }  # fmt: skip
+    if extra:
+        import flashinfer
+
+        meta.update(flashinfer=flashinfer.__version__, flashinfer_first_case_s=first_call_s,
+                    flashinfer_gemm_path=extra[0]._wrapper(torch.device("cuda"))[1])  # fmt: skip
     with open(args.out, "w") as handle:
         json.dump({"meta": meta, "results": results, "siblings": siblings}, handle, indent=1)
 

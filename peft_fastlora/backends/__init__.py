@@ -15,8 +15,14 @@ import torch
 
 from .torch_ref import TorchBackend
 
-BACKEND_NAMES = ("auto", "triton", "torch")
-"""The backends a user can choose. ``"flashinfer"`` is reserved (it raises: not implemented yet)."""
+BACKEND_NAMES = ("auto", "triton", "torch", "flashinfer")
+"""The backends a user can choose. ``"flashinfer"`` needs the optional extra ``peft-fastlora[flashinfer]``."""
+
+AUTO_PICKS_FLASHINFER = False
+"""Whether ``"auto"`` ever picks FlashInfer. It does not: on the H200 (benchmarks/results/FLASHINFER.md) FlashInfer's
+segmented GEMM was not faster than the Triton kernels for one LoRA layer, and it needs host values per call (the
+segment count), so a CUDA graph captured over it (compiled generate) would replay one assignment of adapters only.
+Ask for it by name."""
 
 logger = logging.getLogger(__name__)
 
@@ -39,15 +45,17 @@ def _triton_problem(device: torch.device) -> str | None:
 def get_backend(name: str, device: torch.device):
     """Return the backend object for ``name`` on ``device``.
 
-    The returned object has ``name`` (``"torch"`` or ``"triton"``) and ``reason``, a sentence saying why it serves
-    this model (for ``"auto"``, why it was chosen); ``peft_fastlora.patch_info`` reports both. ``"auto"`` logs its
-    choice at INFO on the ``peft_fastlora`` logger, and warns when it falls back to torch on a CUDA device because
-    Triton is not installed.
+    The returned object has ``name`` (``"torch"``, ``"triton"`` or ``"flashinfer"``) and ``reason``, a sentence
+    saying why it serves this model (for ``"auto"``, why it was chosen); ``peft_fastlora.patch_info`` reports both.
+    ``"auto"`` logs its choice at INFO on the ``peft_fastlora`` logger, and warns when it falls back to torch on a
+    CUDA device because Triton is not installed.
 
     Parameters
     ----------
     name : str
-        One of ``"auto"``, ``"triton"``, ``"torch"``. ``"auto"`` picks the fastest backend that works on ``device``.
+        One of ``"auto"``, ``"triton"``, ``"torch"``, ``"flashinfer"``. ``"auto"`` picks the fastest backend that
+        works on ``device``: Triton on CUDA (FlashInfer, where installed, was not measured faster; see
+        ``AUTO_PICKS_FLASHINFER``), torch elsewhere.
     device : torch.device
         The device the model's LoRA layers run on.
 
@@ -56,14 +64,22 @@ def get_backend(name: str, device: torch.device):
     ValueError
         For a name that is not a backend.
     RuntimeError
-        For a backend that cannot run here (``"flashinfer"`` included: not implemented yet); the message says why.
+        For a backend that cannot run here (``"flashinfer"`` without its extra names the extra); the message says
+        why.
     """
-    if name == "flashinfer":
-        raise _unavailable(name, "the FlashInfer backend is not implemented yet; use backend='triton' or 'torch'.")
     if name not in BACKEND_NAMES:
         raise ValueError(f"Unknown peft_fastlora backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}.")
     if name == "torch":
         return _with_reason(TorchBackend(), "asked for by name")
+    if name == "flashinfer":
+        from .flashinfer import flashinfer_problem
+
+        why = flashinfer_problem(device)
+        if why is not None:
+            raise _unavailable(name, why)
+        from .flashinfer import FlashInferBackend
+
+        return _with_reason(FlashInferBackend(), "asked for by name")
     if name == "auto" and device.type != "cuda":
         return _chosen(TorchBackend(), f"the model is on {device.type}, not CUDA; Triton kernels need CUDA")
     why = _triton_problem(device)
