@@ -5,10 +5,9 @@ each. So per layer and call the backend gathers the batch's LoRA tokens grouped 
 ``__base__`` tokens and slots this layer lacks are in no segment), shrinks them against each slot's ``A``, expands
 the result against each slot's ``B``, and adds the deltas back into the base output in row order.
 
-- Ranks: the wrapper takes one width for all segments. Where every slot of the layer has the same rank (a multiple
-  of 8) the packed weights are read in place; otherwise the batch's adapters are copied, zero-padded to the batch's
-  widest rank, into a scratch buffer for the call (never into the bank). One function reads the packed weights:
-  ``_padded_weights``.
+- Ranks: the wrapper takes one width for all segments. The batch's adapters are copied, zero-padded to the batch's
+  widest rank and with the scaling folded into B, into a scratch buffer for the call (never into the bank). One
+  function reads the packed weights: ``_padded_weights``.
 - The two code paths of the wrapper differ: the sm80 (Ampere) kernel adds its product into ``out``, the sm90
   (Hopper) kernel overwrites ``out``. The backend hands the sm80 path a zeroed ``out`` and the sm90 path an empty
   one, so both give the same delta; ``gemm_path`` forces either (tests run the sm80 path on Hopper too).
@@ -70,14 +69,10 @@ class SegmentWeights(NamedTuple):
         ``[num_weights, width, in]``: each weight's lora_A rows (the shrink's column-major weight).
     b : torch.Tensor
         ``[num_weights, width, out]``: each weight's ``scaling · lora_Bᵀ`` (the expand's row-major weight).
-    by_slot : bool
-        True where weight ``i`` is slot ``i`` (the packed storage read in place), False where weight ``i`` is the
-        ``i``-th slot asked for (a scratch copy).
     """
 
     a: torch.Tensor
     b: torch.Tensor
-    by_slot: bool
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -87,27 +82,21 @@ def _round_up(value: int, multiple: int) -> int:
 def _padded_weights(packed: PackedLora, slots: tuple[int, ...]) -> SegmentWeights:
     """The adapters of ``slots`` (each held by this layer), ranks padded to one width, in the wrapper's layout.
 
-    Where every slot of the layer holds an adapter of one rank ``r`` that is a multiple of 8, the packed storage is
-    that layout already (``a`` is ``[S·r, in]``, ``b_t`` is ``[S·r, out]``): views, no copy. Otherwise the slots'
-    adapters are copied into zeroed scratch ``[len(slots), width, ·]``, ``width`` the widest rank among ``slots``
-    rounded up to 8; zero rows of A and B add exactly nothing.
+    The slots' adapters are copied into zeroed scratch ``[len(slots), width, ·]``, ``width`` the widest rank among
+    ``slots`` rounded up to 8, with the scaling folded into the B copy; zero rows of A and B add exactly nothing.
+    The bank's storage cannot be read in place: lora_B is stored in PEFT's ``[out, r]`` blocks, unscaled, and a
+    sibling layer's lora_A rows sit between its siblings' (see ``peft_fastlora.bank``).
 
-    This is the one place that knows the packed layout (today ``packed.adapter(slot)`` gives ``(a [r, in],
-    b_t [r, out])`` with the scaling folded into ``b_t``).
+    This is the one place that knows the packed layout.
     """
-    ranks = packed.ranks
-    rank = ranks[0] if ranks else 0
-    if rank and rank % ALIGN == 0 and all(r == rank for r in ranks):
-        num = len(ranks)
-        return SegmentWeights(packed.a.view(num, rank, -1), packed.b_t.view(num, rank, -1), by_slot=True)
-    width = _round_up(max(ranks[slot] for slot in slots), ALIGN)
+    width = _round_up(max(packed.ranks[slot] for slot in slots), ALIGN)
     a = torch.zeros(len(slots), width, packed.a.shape[1], dtype=packed.dtype, device=packed.a.device)
-    b = torch.zeros(len(slots), width, packed.b_t.shape[1], dtype=packed.dtype, device=packed.a.device)
+    b = torch.zeros(len(slots), width, packed.out_features, dtype=packed.dtype, device=packed.a.device)
     for index, slot in enumerate(slots):
-        a_slot, b_t_slot = packed.adapter(slot)
+        a_slot, b_slot, scale = packed.adapter(slot)
         a[index, : a_slot.shape[0]] = a_slot
-        b[index, : b_t_slot.shape[0]] = b_t_slot
-    return SegmentWeights(a, b, by_slot=False)
+        b[index, : b_slot.shape[1]] = (b_slot.t() * scale).to(packed.dtype)
+    return SegmentWeights(a, b)
 
 
 class _Segments(NamedTuple):
@@ -194,7 +183,7 @@ class FlashInferBackend(TorchBackend):
                 f"its segmented GEMM takes fp16/bf16 weights and these layers' adapters are {packed.dtype} "
                 "(PEFT keeps adapters of a bf16/fp16 model in fp32 unless loaded with autocast_adapter_dtype=False)"
             )
-        if packed.a.shape[1] % ALIGN or packed.b_t.shape[1] % ALIGN:
+        if packed.a.shape[1] % ALIGN or packed.out_features % ALIGN:
             return "its kernels need in and out features that are multiples of 8"
         if x.device.type != "cuda":
             return f"it needs CUDA tensors (got {x.device.type})"
@@ -239,7 +228,7 @@ class FlashInferBackend(TorchBackend):
         segments = self._segments_for(view, tokens_per_row, slots, x.device)
         weights = _padded_weights(packed, slots)
         wrapper, path = self._wrapper(x.device)
-        indices = segments.slot_ids if weights.by_slot else segments.positions
+        indices = segments.positions  # weight i is the i-th slot of the call
         xs = x_tokens.index_select(0, segments.token_rows).to(packed.dtype)
         # The sm80 kernel adds into ``out`` (C = A·B + C), the sm90 kernel overwrites it: zeros for the former.
         fresh = torch.zeros if path == "sm80" else torch.empty
