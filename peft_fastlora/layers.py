@@ -17,6 +17,7 @@ the original, and the copied model re-patches itself on its first call (see ``pe
 from __future__ import annotations
 
 import sys
+import types
 from typing import Any
 
 import torch
@@ -160,6 +161,7 @@ def patch_layer(module: torch.nn.Module, state) -> None:
     """Swap ``module`` (a PEFT Linear or Embedding) to its fast class and attach the shared patch state."""
     module._fastlora_state = state
     module.__class__ = fast_class(type(module))
+    _rebind_hooked_forward(module)
 
 
 def unpatch_layer(module: torch.nn.Module) -> None:
@@ -167,3 +169,13 @@ def unpatch_layer(module: torch.nn.Module) -> None:
     module.__class__ = type(module)._fastlora_peft_class
     for attribute in PATCH_ATTRIBUTES:
         module.__dict__.pop(attribute, None)
+    _rebind_hooked_forward(module)
+
+
+def _rebind_hooked_forward(module: torch.nn.Module) -> None:
+    """accelerate's hooks (``dispatch_model``; PEFT re-dispatches a model whose device_map offloads) replace a
+    module's ``forward`` by an instance attribute that calls ``module._old_forward``: the forward bound when the
+    hook was added, so of the class the module had then. After a class swap, bind it to the current class."""
+    old = module.__dict__.get("_old_forward")
+    if isinstance(old, types.MethodType) and old.__self__ is module:
+        module._old_forward = types.MethodType(type(module).forward, module)

@@ -56,20 +56,6 @@ MORE_ADAPTERS = {
 }
 NAMES = ["a", "b", "__base__", "c", "d", "e", "f", "__base__", "g", "h", "e", "a"]
 
-HOOKED_LORA_LAYER_BUG = pytest.mark.xfail(
-    strict=True,
-    raises=(AssertionError, AttributeError),
-    reason="peft_fastlora/layers.py patch_layer: a LoRA layer that accelerate hooked (dispatch_model after the "
-    "adapters were loaded, or PEFT's own re-dispatch when a device_map offloads to the CPU) keeps calling the "
-    "forward bound when it was hooked: PEFT's forward, so every row gets the active adapter",
-)
-SYMINT_TILES_BUG = pytest.mark.xfail(
-    strict=True,
-    raises=torch._dynamo.exc.TorchRuntimeError,
-    reason="peft_fastlora/kernels/launch.py _shrink_fake: _tiles' lru_cache cannot hash the SymInt sizes of a "
-    "dynamic-shape graph (accelerate's hooks break the compiled model into frames that recompile as dynamic)",
-)
-
 
 def test_plan_views_live_on_the_asking_device():
     """The meta device stands in for a second device on a CPU-only machine."""
@@ -210,7 +196,6 @@ def test_split_eager_bf16_no_worse_than_peft(backend, wide_model_dirs):
     assert_split(model, SPLIT)
 
 
-@HOOKED_LORA_LAYER_BUG
 @on_two_gpus
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @torch.no_grad()
@@ -248,7 +233,7 @@ def test_split_compiled_base_model_control(wide_model_dirs):
     assert compilations()[0] >= 1, "the decode step was not compiled"
 
 
-COMPILED_BACKENDS = ["torch", pytest.param("triton", marks=SYMINT_TILES_BUG)]
+COMPILED_BACKENDS = ["torch", "triton"]
 
 
 @on_two_gpus
@@ -283,7 +268,7 @@ def check_split_tokens(model_dirs: tuple[Path, dict], backend: str, mode: str) -
         ("eager", "torch", 2, 3),
         ("compiled", "torch", 2, 3),
         pytest.param("eager", "triton", 1, 2, marks=interpreted),
-        pytest.param("compiled", "triton", 1, 2, marks=[interpreted, SYMINT_TILES_BUG]),
+        pytest.param("compiled", "triton", 1, 2, marks=interpreted),
     ],
 )
 @torch.no_grad()
@@ -297,7 +282,6 @@ def test_split_on_the_cpu(mode, backend, assignments, new_tokens, tiny_model_dir
     check_tokens(model, batch, rows, backend, generate_kwargs(mode, "cpu", new_tokens))
 
 
-@HOOKED_LORA_LAYER_BUG
 @torch.no_grad()
 def test_dispatched_after_the_adapters_on_the_cpu(adapter_dirs):
     """accelerate hooks every module it dispatches, LoRA layers included, when the adapters are loaded first (a

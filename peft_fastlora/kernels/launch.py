@@ -272,8 +272,10 @@ expand_op = torch.library.custom_op("peft_fastlora::lora_expand_", mutates_args=
 @shrink_op.register_fake
 def _shrink_fake(x, a, offsets, ranks, sorted_rows, seg_slots, seg_starts, seg_lens, num_segments, tokens_per_row,
                  max_rank):  # fmt: skip
-    num_tokens, k = x.shape
-    splits = _tiles(num_tokens, offsets.shape[0], num_tokens // tokens_per_row, k, max_rank, x.device)[4]
+    # Sizes are SymInts in a dynamic-shape graph (dynamo makes one after a recompile, e.g. of the frames accelerate's
+    # hooks break a model into); _tiles' cache cannot hash them and the grid needs them: specialise (int() guards).
+    num_tokens, k, slots, per_row = int(x.shape[0]), int(x.shape[1]), int(offsets.shape[0]), int(tokens_per_row)
+    splits = _tiles(num_tokens, slots, num_tokens // per_row, k, max_rank, x.device)[4]
     return x.new_empty(splits, num_tokens, h_width(max_rank), dtype=torch.float32)
 
 
