@@ -152,6 +152,17 @@ def build_models(args, device: str, adapter_dtypes: list[str], backends: list[st
     return Models(plain, peft, ours, args.loaded_adapters)
 
 
+def build_model(
+    small: bool, num_adapters: int, device: str, dora: bool = False, adapter_dtype: str = "model", layers: int = 32
+):
+    """One unpatched PeftModel with ``num_adapters`` adapters a0, a1, ... (and as many DoRA ones d0, ... with
+    ``dora``), in the model's dtype or fp32 (PEFT's default upcast): the single model other scripts
+    (``bench_memory.py``) build."""
+    args = argparse.Namespace(small=small, layers=layers, model_dtype="fp32" if small else "bf16",
+                              loaded_adapters=num_adapters, dora=dora)  # fmt: skip
+    return build_models(args, device, [adapter_dtype], []).peft[adapter_dtype]
+
+
 def adapter_torch_dtype(model: torch.nn.Module) -> str:
     """The dtype of the model's lora_A weights (what "model" or "fp32" became)."""
     for name, parameter in model.named_parameters():
@@ -622,6 +633,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--small", action="store_true", help="tiny model on the CPU, for a smoke run")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--adapters", type=int, nargs="+", default=[1, 8, 32], help="distinct adapters per batch")
+    parser.add_argument(
+        "--configs", nargs="+", default=None, metavar="BxN",
+        help="batch x distinct adapters pairs, e.g. 32x1 32x8 64x32 (instead of the --batches × --adapters grid)",
+    )  # fmt: skip
     parser.add_argument("--loaded-adapters", type=int, default=None, help="adapters in the model (default: the most)")
     parser.add_argument(
         "--backends", nargs="+", default=None, help="comma list: triton,torch,flashinfer (default: those that run)"
@@ -662,8 +677,14 @@ def prepare(args, device: str) -> None:
             if getattr(args, name) == getattr(defaults, name):
                 setattr(args, name, value)
     args.model_dtype = args.model_dtype or ("fp32" if args.small else "bf16")
-    args.loaded_adapters = args.loaded_adapters or max(args.adapters)
-    args.adapters = [count for count in args.adapters if count <= args.loaded_adapters]
+    if args.configs:
+        pairs = [tuple(int(part) for part in config.lower().split("x")) for config in args.configs]
+    else:
+        pairs = [(batch_size, count) for batch_size in args.batches for count in args.adapters]
+    args.loaded_adapters = args.loaded_adapters or max(count for _, count in pairs)
+    args.configs = [f"{b}x{n}" for b, n in pairs if n <= b and n <= args.loaded_adapters]
+    args.batches = sorted({int(config.split("x")[0]) for config in args.configs})
+    args.adapters = sorted({int(config.split("x")[1]) for config in args.configs})
     if isinstance(args.profile, str):
         args.profile = [name for name in args.profile.split(",") if name]
     if args.backends:
@@ -683,14 +704,17 @@ def run(args) -> Bench:
     # Every model of every group is its own graph; the default limit (8) would silently fall back to eager.
     torch._dynamo.config.recompile_limit = 64
     bench = Bench(args, device)
+    pairs = [tuple(int(part) for part in config.split("x")) for config in args.configs]
     groups = [
-        (mode, batch_size, [count for count in args.adapters if count <= batch_size])
+        (mode, batch_size, sorted(count for b, count in pairs if b == batch_size))
         for mode in args.modes
         for batch_size in args.batches
-        if any(count <= batch_size for count in args.adapters)
     ]
-    bench.run_gate([(batch_size, count) for batch_size in args.batches for count in args.adapters
-                    if count <= batch_size])  # fmt: skip
+    try:
+        bench.run_gate(pairs)
+    except Exception as error:  # noqa: BLE001 (the speed numbers are still worth having; the JSON says why no gate)
+        bench.timeline["gate_error"] = f"{type(error).__name__}: {error}"
+        log(f"correctness gate failed: {bench.timeline['gate_error']}")
     print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}; prompt {args.prompt}, "
           f"{args.new_tokens} new tokens, median of {args.repeats}; backends {', '.join(args.backends)}")  # fmt: skip
     print(f"{'mode':>8} {'dtype':>5} {'batch':>5} {'adapters':>8} {'row':>18} {'tok/s':>9} {'× base':>7} "
@@ -753,8 +777,11 @@ def _write(path: str, device: str, args, results: list[dict], profiles: list[dic
         "commit": _git_commit(), "command": " ".join(sys.argv), "timeline_s": timeline,
         "base_row": "the plain transformers model (no PEFT wrapper), sharing the weights of every other row",
     }  # fmt: skip
-    with open(path, "w") as handle:
-        json.dump({"meta": meta, "args": vars(args), "results": results, "profiles": profiles}, handle, indent=1)
+    # Written aside and renamed: a process killed by a time limit mid-write leaves the previous file whole.
+    partial = Path(f"{path}.partial")
+    data = {"meta": meta, "args": vars(args), "results": results, "profiles": profiles}
+    partial.write_text(json.dumps(data, indent=1))
+    partial.replace(path)
 
 
 def _runs(backend: str, device: torch.device) -> bool:
