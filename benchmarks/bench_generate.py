@@ -566,7 +566,8 @@ class Bench:
                 f"{result['mode']:>8} {result['adapter_dtype']:>5} {result['batch']:>5} "
                 f"{result['distinct_adapters']:>8} {result['row']:>18} {_fmt(result['tok_s'], '.1f'):>9} "
                 f"{_fmt(result['ratio_to_base'], '.3f'):>7} {_fmt(result.get('ratio_to_peft_single'), '.3f'):>7} "
-                f"{_fmt(error, '.4f'):>8} {_fmt(forced, '.3f'):>7} {_fmt(gate, ''):>5} {result.get('error', '')}",
+                f"{_fmt(error, '.4f'):>8} {_fmt(forced, '.3f'):>7} {_fmt(gate, ''):>5} {result.get('error', '')}"
+                + _compilations(result),
                 flush=True,
             )
 
@@ -618,6 +619,15 @@ class Bench:
             path = Path(args.profile_dir) / f"kernels_{mode}_b{batch_size}_n{distinct}.txt"
             path.write_text(profile_decode.kernel_tables(profiles))
         return profiles
+
+
+def _compilations(result: dict) -> str:
+    notes = []
+    if result.get("compilations_on_new_assignment") is not None:
+        notes.append(f"compilations for a new assignment: {result['compilations_on_new_assignment']}")
+    if result.get("compilations_during_timing"):
+        notes.append(f"COMPILED DURING TIMING: {result['compilations_during_timing']}")
+    return ("  " + "; ".join(notes)) if notes else ""
 
 
 def _fmt(value, spec: str) -> str:
