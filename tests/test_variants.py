@@ -289,8 +289,11 @@ def test_dora_bf16_model_fp32_adapters_as_accurate_as_peft(device, backend, tmp_
     for name, parameter in bf16.named_parameters():
         if "lora_" not in name:
             parameter.data = parameter.data.to(torch.bfloat16)  # the base in bf16, the adapters stay fp32
-    names = ["d", "a", "__base__", "e", "d", "a", "e", "d"]
-    batch = {key: value.to(device) for key, value in tiny.random_prompts(len(names), 16, seed=4).items()}
+    # 64 rows of 64 tokens: the agreement bar is 1 point, and over 8 rows of 16 tokens (128 positions) two near-ties
+    # are 1.6 points. Measured on an H200 at 128 positions, the Triton backend agreed at 0.898 against PEFT's 0.914
+    # both before and after the bank-as-storage change; at 4096 positions 0.8506 against 0.8513.
+    names = ["d", "a", "__base__", "e", "d", "a", "e", "d"] * 8
+    batch = {key: value.to(device) for key, value in tiny.random_prompts(len(names), 64, seed=4).items()}
     expected = logits_per_row(fp32, batch, names).float()
     peft_error, peft_agreement = relative_error(logits_per_row(bf16, batch, names), expected)
     patch_model(bf16, backend=backend)
