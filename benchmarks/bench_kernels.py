@@ -24,14 +24,13 @@ import importlib.util
 import json
 import platform
 import time
-from types import SimpleNamespace
 
 import torch
 import triton
 
 from peft_fastlora.backends.torch_ref import TorchBackend
 from peft_fastlora.backends.triton import TritonBackend
-from peft_fastlora.bank import PackedLora, SiblingGroup
+from peft_fastlora.bank import PackedLora, pack
 from peft_fastlora.plan import BatchPlan
 
 DTYPE = torch.bfloat16
@@ -47,12 +46,11 @@ def copy_bandwidth() -> float:
 
 
 def packed_adapters(num_adapters: int, rank: int, k: int, n: int) -> PackedLora:
-    a = torch.randn(num_adapters * rank, k, device="cuda", dtype=DTYPE) / k**0.5
-    b_t = torch.randn(num_adapters * rank, n, device="cuda", dtype=DTYPE) / rank
-    offsets = [slot * rank for slot in range(num_adapters)]
-    ranks = [rank] * num_adapters
-    as_tensor = lambda values: torch.tensor(values, dtype=torch.int32, device="cuda")  # noqa: E731
-    return PackedLora(a, b_t, offsets, ranks, as_tensor(offsets), as_tensor(ranks))
+    adapters = {
+        slot: (torch.randn(rank, k, device="cuda") / k**0.5, torch.randn(n, rank, device="cuda") / rank, 2.0)
+        for slot in range(num_adapters)
+    }
+    return pack([adapters], num_adapters, k, [n], DTYPE, "cuda")[0]
 
 
 def graph_time(function) -> float:
@@ -124,8 +122,8 @@ def run_case(
         graph_ms = try_graph_time(call)
         result[f"{backend.name}_graph_us"] = None if graph_ms is None else graph_ms * 1e3
     if tokens_per_row > 1:
-        a, b = packed.a[:rank], packed.b_t[:rank]
-        dense = lambda: y.view(tokens, n).add_((x.view(tokens, k) @ a.t()) @ b)  # noqa: E731
+        a, b, _ = packed.adapter(0)
+        dense = lambda: y.view(tokens, n).add_((x.view(tokens, k) @ a.t()) @ b.t())  # noqa: E731
         result["dense_single_adapter_us"] = triton.testing.do_bench(dense, rep=100) * 1e3
     return result
 
@@ -137,18 +135,22 @@ def run_siblings(rows: int, tokens_per_row: int, num_adapters: int, rank: int, k
     view = plan.view(rows, flattened=False)
     x = torch.randn(rows, tokens_per_row, k, device="cuda", dtype=DTYPE)
     ys = [torch.randn(rows, tokens_per_row, n, device="cuda", dtype=DTYPE) for n in outs]
-    members = [SimpleNamespace(_fastlora_packed=packed_adapters(num_adapters, rank, k, n)) for n in outs]
+    separate = [packed_adapters(num_adapters, rank, k, n) for n in outs]
+    adapters = [{slot: packed.adapter(slot) for slot in range(num_adapters)} for packed in separate]
+    adapters = [{slot: (a, b, float(scale)) for slot, (a, b, scale) in member.items()} for member in adapters]
+    shared = pack(adapters, num_adapters, k, list(outs), DTYPE, "cuda")  # one lora_A storage, one shrink
     backend = TritonBackend()
+    packs = separate
 
     def run_all():
-        for member, y in zip(members, ys, strict=True):
-            backend.add_lora(y, x, member._fastlora_packed, view)
+        for packed, y in zip(packs, ys, strict=True):
+            backend.add_lora(y, x, packed, view)
 
     result = {"rows": rows, "tokens_per_row": tokens_per_row, "adapters": num_adapters, "rank": rank, "k": k,
               "outs": list(outs)}  # fmt: skip
     result["separate_wall_us"] = triton.testing.do_bench(run_all, rep=100) * 1e3
     result["separate_graph_us"] = graph_time(run_all) * 1e3
-    SiblingGroup(members)
+    packs = shared
     result["shared_wall_us"] = triton.testing.do_bench(run_all, rep=100) * 1e3
     result["shared_graph_us"] = graph_time(run_all) * 1e3
     return result

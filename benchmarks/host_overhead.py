@@ -72,38 +72,45 @@ def build(args, device: str):
 
 
 def low_level(args, x: torch.Tensor, names: list[str]) -> dict[str, float]:
-    """Bare launches through the package's launch API of the time of writing; skipped once it changes."""
+    """Bare launches through the package's launch API (skipped, with the reason, where it fails)."""
     try:
         from peft_fastlora.backends.triton import TritonBackend
-        from peft_fastlora.bank import PackedLora
+        from peft_fastlora.bank import pack
         from peft_fastlora.kernels import launch
         from peft_fastlora.plan import BatchPlan
 
         rows, k = x.shape[0], x.shape[-1]
-        ranks = [16] * args.adapters
-        offsets = [16 * slot for slot in range(args.adapters)]
-        as_tensor = lambda values: torch.tensor(values, dtype=torch.int32, device=x.device)  # noqa: E731
-        a = torch.randn(16 * args.adapters, k, device=x.device, dtype=x.dtype)
-        b_t = torch.randn(16 * args.adapters, k, device=x.device, dtype=x.dtype)
-        packed = PackedLora(a, b_t, offsets, ranks, as_tensor(offsets), as_tensor(ranks))
+        adapters = {slot: (torch.randn(16, k), torch.randn(k, 16), 2.0) for slot in range(args.adapters)}
+        packed = pack([adapters], args.adapters, k, [k], x.dtype, x.device)[0]
+        a = packed.a
         plan = BatchPlan(x.device)
         plan.fill([int(name[1:]) for name in names])
         view = plan.view(rows, flattened=False)
         y = torch.randn_like(x)
         plan_args = (*view.segments, 1)
-        h = launch.launch_shrink(x.view(rows, k), a, packed.offsets_dev, packed.ranks_dev, *plan_args, 16)
+        h = launch.launch_shrink(x.view(rows, k), a, packed.a_offsets_dev, packed.ranks_dev, *plan_args, 16)
         backend = TritonBackend()
         return {
             "add_lora (shrink + expand, with Python), backend alone": per_call_us(
                 lambda: backend.add_lora(y, x, packed, view), args.calls
             ),
             "launch_shrink": per_call_us(
-                lambda: launch.launch_shrink(x.view(rows, k), a, packed.offsets_dev, packed.ranks_dev, *plan_args, 16),
+                lambda: launch.launch_shrink(
+                    x.view(rows, k), a, packed.a_offsets_dev, packed.ranks_dev, *plan_args, 16
+                ),
                 args.calls,
             ),
             "launch_expand": per_call_us(
                 lambda: launch.launch_expand(
-                    y.view(rows, k), h, None, b_t, packed.offsets_dev, packed.ranks_dev, *plan_args, 16
+                    y.view(rows, k),
+                    h,
+                    None,
+                    packed.b,
+                    packed.scales,
+                    packed.b_offsets_dev,
+                    packed.ranks_dev,
+                    *plan_args,
+                    16,
                 ),
                 args.calls,
             ),
