@@ -11,13 +11,12 @@ import pytest
 import torch
 from helpers import assert_no_worse_than_peft, gpu_test_model, oracle_batch
 from peft import LoraConfig, get_peft_model
-from test_kernels import RANKS, adapters_of, assignment, random_packed
+from test_kernels import RANKS, assignment, check, random_packed
 
 from peft_fastlora import patch_model, tiny
 from peft_fastlora.backends import BACKEND_NAMES, get_backend
 from peft_fastlora.backends import flashinfer as fi
 from peft_fastlora.bank import BASE_SLOT
-from peft_fastlora.kernels.reference import lora_delta_reference
 from peft_fastlora.layers import is_fast_layer
 from peft_fastlora.plan import BatchPlan
 
@@ -109,29 +108,8 @@ def stand_in_backend(path: str, monkeypatch) -> fi.FlashInferBackend:
 
 def check_against_reference(backend, rows, tokens_per_row, popularity, dtype, device, k=72, n=136, ranks=RANKS,
                             absent=(), flatten=False):  # fmt: skip
-    """``backend.add_lora`` against the per-token fp32 reference; base rows (and rows of adapters the layer lacks)
-    untouched bit for bit."""
-    generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
-    slots = assignment(popularity, rows, len(ranks), generator)
-    packed = random_packed(ranks, k, n, dtype, device, absent)
-    plan = BatchPlan(device)
-    plan.fill(slots)
-    shape = (rows * tokens_per_row,) if flatten else (rows, tokens_per_row)
-    x = torch.randn(*shape, k, device=device).to(dtype)
-    y = torch.randn(*shape, n, device=device).to(dtype)
-    plan.view(rows, flattened=False, tokens_per_row=tokens_per_row)
-    view = plan.view(x.shape[0], flattened=x.dim() == 2)
-    token_slots = [slot for slot in slots for _ in range(tokens_per_row)]
-    expected = lora_delta_reference(y.reshape(-1, n), x.reshape(-1, k), adapters_of(packed), token_slots)
-    actual = y.clone()
-    backend.add_lora(actual, x, packed, view)
-    assert not torch.isnan(actual).any()
-    tolerance = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
-    error = (actual.reshape(-1, n).float() - expected.float()).abs().max() / expected.float().abs().max()
-    assert error <= tolerance, f"relative error {error.item():.3g}"
-    base_rows = torch.tensor([slot == BASE_SLOT or slot in absent for slot in token_slots], device=device)
-    assert torch.equal(actual.reshape(-1, n)[base_rows], y.reshape(-1, n)[base_rows])
-    return error.item()
+    """``backend.add_lora`` against the per-token fp32 reference (``test_kernels.check``)."""
+    return check(rows, tokens_per_row, popularity, dtype, device, k, n, ranks, absent, flatten, backends=(backend,))
 
 
 @pytest.mark.parametrize("path", ["sm80", "sm90"])
