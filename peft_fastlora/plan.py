@@ -100,7 +100,8 @@ class BatchPlan:
         self._groups: list[tuple[int, int, int]] = []
         self._num_sorted = 0
         self._copies: dict[torch.device, torch.Tensor] = {}
-        self._input_plan: BatchPlan | None = None
+        self._input_plan: BatchPlan | None = None  # this call's plan of the unexpanded rows, if it expands them
+        self._encoder_plan: BatchPlan | None = None  # the buffers behind it, reused from call to call
         # Tokens per row of the latest input with a sequence dimension in this call (see ``view``); None: unknown.
         self.tokens_per_row: int | None = None
 
@@ -166,9 +167,12 @@ class BatchPlan:
         self._input_plan = None
         self.tokens_per_row = None
         if expand > 1:
-            # Encoder layers of encoder-decoder models see the rows before expansion.
-            self._input_plan = BatchPlan(self.device)
-            self._input_plan.fill(slots)
+            # Encoder layers of encoder-decoder models see the rows before expansion. That plan is kept and refilled,
+            # so a call with beams allocates nothing new (and a captured graph keeps reading the same buffers).
+            if self._encoder_plan is None:
+                self._encoder_plan = BatchPlan(self.device)
+            self._encoder_plan.fill(slots)
+            self._input_plan = self._encoder_plan
 
     def view(
         self, num_rows: int, flattened: bool, device: torch.device | None = None, tokens_per_row: int | None = None

@@ -184,3 +184,16 @@ def test_cuda_graph_replays_any_assignment():
         expected = lora_delta_reference(y0.view(rows, n), x.view(rows, k), adapters_of(packed), slots)
         error = (y.view(rows, n).float() - expected.float()).abs().max() / expected.float().abs().max()
         assert error <= 2e-2, (popularity, error.item())
+
+
+def test_a_plan_with_beams_reuses_its_buffers():
+    """Calls with beam search (rows expanded) refill the same buffers, the unexpanded rows' plan included, so a
+    captured graph keeps reading them and nothing is allocated per call."""
+    plan = BatchPlan("cpu")
+    plan.fill([0, BASE_SLOT, 1], expand=2)
+    buffers = plan.view(6, flattened=False).row_slots.data_ptr(), plan.view(3, flattened=False).row_slots.data_ptr()
+    plan.fill([1, 0, 0], expand=2)
+    assert plan.view(3, flattened=False).row_slots.tolist() == [1, 0, 0]
+    assert plan.view(6, flattened=False).row_slots.tolist() == [1, 1, 0, 0, 0, 0]
+    again = plan.view(6, flattened=False).row_slots.data_ptr(), plan.view(3, flattened=False).row_slots.data_ptr()
+    assert again == buffers
