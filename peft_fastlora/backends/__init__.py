@@ -1,8 +1,6 @@
 """Backend registry: a backend adds each row's LoRA delta to a layer's base output, given the plan.
 
-A backend provides ``add_lora(result, x, packed, view)`` and
-``add_embedding_lora(result, input_ids, packed, view, embed_scale)``; see ``torch_ref.TorchBackend``, the reference
-that all others must match.
+Every backend follows ``Backend``; ``torch_ref.TorchBackend`` is the reference that all others must match.
 """
 
 from __future__ import annotations
@@ -10,10 +8,35 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from typing import Protocol
 
 import torch
 
 from .torch_ref import TorchBackend
+
+
+class Backend(Protocol):
+    """What a backend does, per layer and call (``PackedLora`` from ``peft_fastlora.bank``, ``PlanView`` from
+    ``peft_fastlora.plan``).
+
+    Attributes
+    ----------
+    name : str
+        ``"torch"``, ``"triton"`` or ``"flashinfer"``.
+    reason : str
+        Why it serves this model (set by ``get_backend``; ``patch_info`` reports it).
+    """
+
+    name: str
+    reason: str
+
+    def add_lora(self, result: torch.Tensor, x: torch.Tensor, packed, view) -> None:
+        """``result[t] += scale_s · (x[t] @ A_sᵀ) @ B_sᵀ`` in place, for every token t of a row whose slot s the layer
+        holds; ``result`` ``[N, ..., out]``, ``x`` ``[N, ..., in]``; other rows unchanged."""
+
+    def add_embedding_lora(self, result: torch.Tensor, input_ids: torch.Tensor, packed, view, embed_scale) -> None:
+        """``result[t] += scale_s · A_s[:, ids[t]]ᵀ @ B_sᵀ`` (times ``embed_scale`` where given) in place, likewise."""
+
 
 BACKEND_NAMES = ("auto", "triton", "torch", "flashinfer")
 """The backends a user can choose. ``"flashinfer"`` needs the optional extra ``peft-fastlora[flashinfer]``."""
@@ -42,7 +65,7 @@ def _triton_problem(device: torch.device) -> str | None:
     return f"Triton kernels need a CUDA device (the model is on {device.type}), or TRITON_INTERPRET=1 for tests."
 
 
-def get_backend(name: str, device: torch.device):
+def get_backend(name: str, device: torch.device) -> Backend:
     """Return the backend object for ``name`` on ``device``.
 
     The returned object has ``name`` (``"torch"``, ``"triton"`` or ``"flashinfer"``) and ``reason``, a sentence
