@@ -54,8 +54,13 @@ class _FastLayer:
         # Pickle as the PEFT class itself: the fast class is made at run time under PEFT's name (so pickle cannot
         # find it by name), and the patch state (lock, plan, bank) is per model, so a copy must not share it.
         # (copyreg.__newobj__ would be pickled as NEWOBJ, which insists on the object's own class.)
+        peft_class = type(self)._fastlora_peft_class
         state = {key: value for key, value in self.__getstate__().items() if key not in PATCH_ATTRIBUTES}
-        return object.__new__, (type(self)._fastlora_peft_class,), state
+        for attribute in FORWARD_ATTRIBUTES:  # an accelerate hook's bound forward: the copy is a PEFT layer
+            bound = state.get(attribute)
+            if isinstance(bound, types.MethodType) and bound.__self__ is self and bound.__func__ is type(self).forward:
+                state[attribute] = types.MethodType(peft_class.forward, self)
+        return object.__new__, (peft_class,), state
 
 
 class FastLinearMixin(_FastLayer):
@@ -159,23 +164,34 @@ def is_fast_layer(module: torch.nn.Module) -> bool:
 
 def patch_layer(module: torch.nn.Module, state) -> None:
     """Swap ``module`` (a PEFT Linear or Embedding) to its fast class and attach the shared patch state."""
+    peft_class = type(module)
     module._fastlora_state = state
-    module.__class__ = fast_class(type(module))
-    _rebind_hooked_forward(module)
+    module.__class__ = fast_class(peft_class)
+    _rebind_forwards(module, peft_class, module.__class__)
 
 
 def unpatch_layer(module: torch.nn.Module) -> None:
     """Restore ``module``'s PEFT class and drop everything the patch attached."""
-    module.__class__ = type(module)._fastlora_peft_class
+    fast = type(module)
+    module.__class__ = fast._fastlora_peft_class
     for attribute in PATCH_ATTRIBUTES:
         module.__dict__.pop(attribute, None)
-    _rebind_hooked_forward(module)
+    _rebind_forwards(module, fast, module.__class__)
 
 
-def _rebind_hooked_forward(module: torch.nn.Module) -> None:
-    """accelerate's hooks (``dispatch_model``; PEFT re-dispatches a model whose device_map offloads) replace a
-    module's ``forward`` by an instance attribute that calls ``module._old_forward``: the forward bound when the
-    hook was added, so of the class the module had then. After a class swap, bind it to the current class."""
-    old = module.__dict__.get("_old_forward")
-    if isinstance(old, types.MethodType) and old.__self__ is module:
-        module._old_forward = types.MethodType(type(module).forward, module)
+FORWARD_ATTRIBUTES = ("_old_forward", "forward")
+"""Instance attributes that may hold the layer's own forward bound to it: accelerate's hooks (``dispatch_model``;
+PEFT re-dispatches a model whose device_map offloads) replace ``forward`` by a function that calls ``_old_forward``,
+the forward bound when the hook was added, and ``remove_hook_from_module`` puts that bound method back as
+``forward``."""
+
+
+def _rebind_forwards(module: torch.nn.Module, old_class: type, new_class: type) -> None:
+    """After a class swap, re-bind the instance attributes that hold ``old_class.forward`` bound to ``module`` to
+    ``new_class.forward``; anything else there (a user's own wrapper) is left alone. Without this a hooked layer
+    kept running PEFT's forward after the patch (every row got the active adapter), or the fast forward after the
+    patch was undone (a crash)."""
+    for attribute in FORWARD_ATTRIBUTES:
+        bound = module.__dict__.get(attribute)
+        if isinstance(bound, types.MethodType) and bound.__self__ is module and bound.__func__ is old_class.forward:
+            module.__dict__[attribute] = types.MethodType(new_class.forward, module)

@@ -302,3 +302,61 @@ def test_dispatched_after_the_adapters_on_the_cpu(adapter_dirs):
         assert torch.equal(model.generate(**batch, adapter_names=names, **kwargs), expected), f"{patch_first=}"
         unpatch_model(model)
         assert torch.equal(model.generate(**batch, adapter_names=names, **kwargs), expected), f"{patch_first=}"
+
+
+@torch.no_grad()
+def test_forwards_bound_by_accelerate_hooks_follow_patch_and_unpatch():
+    """accelerate keeps a layer's bound forward (``_old_forward``; ``forward`` again once the hook is removed): after
+    patch, unpatch, hook removal and copies, each call runs the forward of the class the layer has then, and a
+    user's own bound forward is left alone."""
+    import copy
+    import types
+
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    from peft_fastlora import unpatch_model
+
+    def build():
+        torch.manual_seed(0)
+        config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        model = get_peft_model(tiny.build_base_model("llama"), config, adapter_name="a")
+        model.add_adapter("b", LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        return model.eval()
+
+    def hook_layers(model):
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                add_hook_to_module(module, ModelHook())
+
+    names = ["a", "b", "__base__", "a"]
+    batch = tiny.random_prompts(len(names), 6, seed=1)
+    expected = build()(**batch, adapter_names=names).logits
+    model = build()
+    hook_layers(model)
+    patch_model(model, backend="torch")
+    assert torch.equal(model(**batch, adapter_names=names).logits, expected)
+    copied = copy.deepcopy(model)
+    assert torch.equal(copied(**batch, adapter_names=names).logits, expected)
+    copied = unpatch_model(copy.deepcopy(model))
+    assert torch.equal(copied(**batch, adapter_names=names).logits, expected)
+    remove_hook_from_module(model.get_base_model(), recurse=True)
+    assert torch.equal(model(**batch, adapter_names=names).logits, expected)
+    unpatch_model(model)
+    assert torch.equal(model(**batch, adapter_names=names).logits, expected)
+
+    model = build()
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    calls = []
+    peft_forward = type(q_proj).forward
+
+    def own_forward(self, x, *args, **kwargs):
+        calls.append(1)
+        return peft_forward(self, x, *args, **kwargs)
+
+    q_proj.forward = types.MethodType(own_forward, q_proj)
+    add_hook_to_module(q_proj, ModelHook())
+    patch_model(model, backend="torch")
+    model(**batch, adapter_names=["a"] * len(names))
+    assert calls  # the user's wrapper still runs

@@ -95,7 +95,7 @@ def _padded_weights(packed: PackedLora, slots: tuple[int, ...]) -> SegmentWeight
     for index, slot in enumerate(slots):
         a_slot, b_slot, scale = packed.adapter(slot)
         a[index, : a_slot.shape[0]] = a_slot
-        b[index, : b_slot.shape[1]] = (b_slot.t() * scale).to(packed.dtype)
+        b[index, : b_slot.shape[1]] = (b_slot.t().float() * scale).to(packed.dtype)  # scale in fp32, one rounding
     return SegmentWeights(a, b)
 
 
