@@ -19,6 +19,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peft_fastlora import patch_model
+from peft_fastlora.backends import BACKEND_NAMES
 
 
 class InputError(ValueError):
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate per row (default: 16)")
     parser.add_argument(
-        "--backend", default="auto", choices=["auto", "triton", "torch"], help="peft_fastlora backend (default: auto)"
+        "--backend", default="auto", choices=list(BACKEND_NAMES), help="peft_fastlora backend (default: auto)"
     )
     args = parser.parse_args(argv)
     try:
