@@ -447,6 +447,12 @@ class AdapterBank:
         named : set[str] or None
             The adapters the coming call names: only their DoRA rescale is recomputed (all where None).
         """
+        # Storage made inside a call under torch.inference_mode() would be inference tensors, and PEFT's parameters
+        # views of them: training, a grad-mode forward or an in-place edit outside inference mode would then fail.
+        with torch.inference_mode(False):
+            self._refresh(named)
+
+    def _refresh(self, named: set[str] | None) -> None:
         self._assign_slots()
         # Drop the groups (and what they remember) before repacking, so that old storage is freed unit by unit.
         self.forget_inputs()
@@ -544,9 +550,10 @@ class AdapterBank:
     def release(self, layer: LoraLayer) -> None:
         """Give ``layer``'s adapter parameters storage of their own again (contiguous copies of their values), as
         before the patch; the layer then holds nothing of the bank's storage."""
-        for a, b in adapter_parameters(layer).values():
-            for parameter in (a, b):
-                parameter.data = parameter.data.clone(memory_format=torch.contiguous_format)
+        with torch.inference_mode(False):  # as in refresh: the parameters must not become inference tensors
+            for a, b in adapter_parameters(layer).values():
+                for parameter in (a, b):
+                    parameter.data = parameter.data.clone(memory_format=torch.contiguous_format)
         self._units = {key: unit for key, unit in self._units.items() if layer not in unit.layers}
 
     def _warn_left_to_peft(self, found: set[tuple[str, str]]) -> None:

@@ -111,8 +111,11 @@ class BatchPlan:
         # Grow geometrically so that a run of growing batches reallocates (and re-captures graphs) rarely.
         self.capacity = max(rows, 2 * self.capacity, 8)
         size = _SECTIONS * self.capacity + 1  # + the segment count
-        self._buffer = torch.empty(size, dtype=torch.int32, device=self.device)
-        self._staging = torch.empty(size, dtype=torch.int32, pin_memory=self.device.type == "cuda")
+        # Normal tensors even when the first call runs under torch.inference_mode(): the buffers are refilled in
+        # place by later calls, and an inference tensor refuses in-place updates outside inference mode.
+        with torch.inference_mode(False):
+            self._buffer = torch.empty(size, dtype=torch.int32, device=self.device)
+            self._staging = torch.empty(size, dtype=torch.int32, pin_memory=self.device.type == "cuda")
 
     def _buffer_on(self, device: torch.device) -> torch.Tensor:
         """The plan buffer on ``device``: the preallocated one, or this call's copy of it for another device."""

@@ -406,3 +406,25 @@ def test_dora_adapter_in_another_dtype_gets_peft_error_before_running():
         model(**batch, adapter_names=["d", "a"])
     assert str(error.value) == str(dora_enabled())
     model(**batch, adapter_names=["a", "__base__"])  # the other adapters are still served
+
+
+def test_calls_under_inference_mode_leave_normal_tensors():
+    """A first call, or a repack, inside ``torch.inference_mode()`` makes no inference tensors of the plan buffers or
+    the storage (PEFT's parameters are views of it): a later ``no_grad`` call refills the plan in place, a grad-mode
+    forward trains, and an in-place edit outside inference mode works."""
+    model, oracle, batch = patched_and_oracle("torch")
+    for target in (model, oracle):
+        torch.manual_seed(8)
+        target.add_adapter("c", _config(8))
+        target.eval()
+    names = ["c", "a", "__base__", "b", "c"]
+    with torch.inference_mode():
+        model(**batch, adapter_names=names)  # repacks (a new adapter) inside inference mode
+    parameters = [parameter for name, parameter in model.named_parameters() if "lora_" in name]
+    assert not any(parameter.is_inference() for parameter in parameters)
+    with torch.no_grad():
+        for target in (model, oracle):
+            edit_every_layer(data_mul, "c", "B")(target, seed=0)
+        assert_close_relative(model(**batch, adapter_names=names).logits, oracle(**batch, adapter_names=names).logits)
+    model(**batch).logits.float().pow(2).mean().backward()
+    assert any(parameter.grad is not None for parameter in parameters)
