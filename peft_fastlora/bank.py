@@ -485,12 +485,13 @@ class AdapterBank:
     def _pack(self, unit: _Unit) -> set[tuple[str, str]]:
         """Copy the unit's served adapters into new storage and point their parameters at it; return the
         ``(adapter, reason)`` pairs left to PEFT's path."""
+        parameters = [adapter_parameters(layer) for layer in unit.layers]
         skipped, candidates = [], []
-        for layer in unit.layers:
+        for layer, params in zip(unit.layers, parameters, strict=True):
             skip = unsupported_adapters(layer)
             check_adapter_weights(layer, self.layer_names.get(id(layer), type(layer).__name__), skip)
             skipped.append(skip)
-            candidates.append({name: pair for name, pair in adapter_parameters(layer).items() if name not in skip})
+            candidates.append({name: pair for name, pair in params.items() if name not in skip})
         # One dtype per storage: the most common one among the adapters' lora_A. Adapters in another dtype (rare:
         # adapters loaded with different autocast settings) keep PEFT's path, which computes each in its own dtype.
         dtypes = collections.Counter(a.dtype for weights in candidates for a, _ in weights.values())
@@ -506,8 +507,7 @@ class AdapterBank:
         out_features = [layer.out_features for layer in unit.layers]
         packs = pack(members, self.num_slots, unit.layers[0].in_features, out_features, dtype, base_weight.device)
         left_to_peft = set()
-        for layer, packed, served, skip in zip(unit.layers, packs, members, skipped, strict=True):
-            params = adapter_parameters(layer)
+        for layer, packed, served, skip, params in zip(unit.layers, packs, members, skipped, parameters, strict=True):
             for slot in served:
                 a, b = params[self._slot_names[slot]]
                 view_a, view_b, _ = packed.adapter(slot)

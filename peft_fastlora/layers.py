@@ -56,10 +56,7 @@ class _FastLayer:
         # (copyreg.__newobj__ would be pickled as NEWOBJ, which insists on the object's own class.)
         peft_class = type(self)._fastlora_peft_class
         state = {key: value for key, value in self.__getstate__().items() if key not in PATCH_ATTRIBUTES}
-        for attribute in FORWARD_ATTRIBUTES:  # an accelerate hook's bound forward: the copy is a PEFT layer
-            bound = state.get(attribute)
-            if isinstance(bound, types.MethodType) and bound.__self__ is self and bound.__func__ is type(self).forward:
-                state[attribute] = types.MethodType(peft_class.forward, self)
+        _rebind_forwards(state, self, type(self), peft_class)  # an accelerate hook's bound forward: a PEFT layer's
         return object.__new__, (peft_class,), state
 
 
@@ -167,7 +164,7 @@ def patch_layer(module: torch.nn.Module, state) -> None:
     peft_class = type(module)
     module._fastlora_state = state
     module.__class__ = fast_class(peft_class)
-    _rebind_forwards(module, peft_class, module.__class__)
+    _rebind_forwards(module.__dict__, module, peft_class, module.__class__)
 
 
 def unpatch_layer(module: torch.nn.Module) -> None:
@@ -176,7 +173,7 @@ def unpatch_layer(module: torch.nn.Module) -> None:
     module.__class__ = fast._fastlora_peft_class
     for attribute in PATCH_ATTRIBUTES:
         module.__dict__.pop(attribute, None)
-    _rebind_forwards(module, fast, module.__class__)
+    _rebind_forwards(module.__dict__, module, fast, module.__class__)
 
 
 FORWARD_ATTRIBUTES = ("_old_forward", "forward")
@@ -186,12 +183,12 @@ the forward bound when the hook was added, and ``remove_hook_from_module`` puts 
 ``forward``."""
 
 
-def _rebind_forwards(module: torch.nn.Module, old_class: type, new_class: type) -> None:
-    """After a class swap, re-bind the instance attributes that hold ``old_class.forward`` bound to ``module`` to
-    ``new_class.forward``; anything else there (a user's own wrapper) is left alone. Without this a hooked layer
-    kept running PEFT's forward after the patch (every row got the active adapter), or the fast forward after the
-    patch was undone (a crash)."""
+def _rebind_forwards(attributes: dict, module: torch.nn.Module, old_class: type, new_class: type) -> None:
+    """After a class swap, re-bind the entries of ``attributes`` (the module's ``__dict__``, or the state a copy is
+    made from) that hold ``old_class.forward`` bound to ``module`` to ``new_class.forward``; anything else there (a
+    user's own wrapper) is left alone. Without this a hooked layer kept running PEFT's forward after the patch
+    (every row got the active adapter), or the fast forward after the patch was undone (a crash)."""
     for attribute in FORWARD_ATTRIBUTES:
-        bound = module.__dict__.get(attribute)
+        bound = attributes.get(attribute)
         if isinstance(bound, types.MethodType) and bound.__self__ is module and bound.__func__ is old_class.forward:
-            module.__dict__[attribute] = types.MethodType(new_class.forward, module)
+            attributes[attribute] = types.MethodType(new_class.forward, module)
