@@ -230,7 +230,9 @@ def test_low_precision_bar_catches_a_worse_result():
     """The bar fails logits worse than PEFT's: a dropped LoRA delta, or more noise than PEFT's."""
     oracle = torch.randn(4, 6, 32)
     peft = oracle + 0.01 * torch.randn_like(oracle)
-    assert_no_worse_than_peft_logits(oracle + 0.01 * torch.randn_like(oracle) * 0.9, peft, oracle)
+    # Nine tenths of PEFT's own deviation passes, whatever the draw: each logit difference is linear along the way
+    # from the oracle to PEFT, so no argmax that PEFT keeps can flip (independent noise flipped a near-tie on CI).
+    assert_no_worse_than_peft_logits(oracle + 0.9 * (peft - oracle), peft, oracle)
     with pytest.raises(AssertionError, match="error above"):
         assert_no_worse_than_peft_logits(oracle + 0.02 * torch.randn_like(oracle), peft, oracle)
     swapped = oracle.clone()
