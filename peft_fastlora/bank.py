@@ -30,9 +30,10 @@ PEFT recomputes it on every forward.
 from __future__ import annotations
 
 import collections
+import functools
 import operator
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from peft.tuners.lora import LoraLayer
@@ -42,6 +43,31 @@ from .peft_messages import BASE_ADAPTER_NAME
 
 BASE_SLOT = -1
 """The slot id of a ``"__base__"`` row: no LoRA."""
+
+_REGISTRATIONS = [0]
+
+
+def _count_registration(module: torch.nn.Module, name: str, value: object) -> None:
+    _REGISTRATIONS[0] += 1  # (returns None: the registered object is kept as it is)
+
+
+@functools.cache
+def watch_registrations() -> None:
+    """Count every submodule and parameter registered on any module of this process, through torch's global
+    registration hooks (``register_module_module_registration_hook``, ``..._parameter_registration_hook``).
+
+    Every structural change PEFT makes registers something: ``add_adapter``/``load_adapter`` and
+    ``inject_adapter`` set new modules (``ModuleDict.__setitem__``, ``setattr``), replacing a parameter object
+    registers the new one, ``load_state_dict(assign=True)`` sets parameters. So while the count stands still the
+    model's module tree, adapter modules and parameter objects are as they were, and a call need not walk them
+    again. (Deletions register nothing; the per-call check counts adapter names per layer for them.)"""
+    torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
+    torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+
+
+def registrations() -> int:
+    """How many modules and parameters have been registered so far (see ``watch_registrations``)."""
+    return _REGISTRATIONS[0]
 
 
 class SiblingGroup:
@@ -115,6 +141,9 @@ class PackedLora:
         The sibling group whose ``a`` this layer's rows live in, if any; ``leader``/``last`` say whether this
         layer shrinks for the group / releases its result, and ``h_cols`` (int32 ``[num_slots]``) where this
         layer's part of each slot starts in the group's shrink output.
+    launches : dict
+        The backend's launches prepared for this storage, per batch shape (see ``backends/triton.py``); a repack
+        makes a new ``PackedLora``, so none outlives the tensors it reads.
     """
 
     a: torch.Tensor
@@ -132,6 +161,7 @@ class PackedLora:
     leader: bool = False
     last: bool = False
     h_cols: torch.Tensor | None = None
+    launches: dict = field(default_factory=dict, repr=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -377,6 +407,64 @@ class _Unit:
         )
 
 
+def _name_dicts(layers: list[LoraLayer]) -> list[dict]:
+    """The dicts that hold each layer's adapters by name: lora_A, lora_B and the embedding factors."""
+    found = []
+    for layer in layers:
+        submodules = layer._modules
+        found += (submodules["lora_A"]._modules, submodules["lora_B"]._modules)
+        found += (submodules["lora_embedding_A"]._parameters, submodules["lora_embedding_B"]._parameters)
+    return found
+
+
+class _Snapshot:
+    """Where every adapter parameter of the fast layers stood after the bank's last full check, read back per call
+    in a few C-level passes over flat lists (about 0.1 µs a parameter) instead of a Python walk of every layer.
+
+    It holds while no module or parameter has been registered since (``registrations``: adapters added, modules
+    or parameter objects replaced), every layer holds as many adapters as then (deletions), and each adapter
+    parameter is the same object at the same address (``param.data = tensor``, ``model.to``; no hook sees those).
+    Then every parameter is still a view of the storage and a call only rereads the scalings.
+
+    Raises KeyError when made for a layer whose adapter weights are not where ``lora.Linear`` keeps them (a
+    variant); the bank then checks unit by unit on every call.
+    """
+
+    def __init__(self, counted: int, lora_layers: list[LoraLayer], fast_layers: list[LoraLayer]):
+        self.registrations = counted
+        self.name_dicts = _name_dicts(lora_layers)
+        self.name_counts = list(map(len, self.name_dicts))
+        dicts, keys = [], []
+        for layer in fast_layers:
+            submodules = layer._modules
+            b_modules = submodules["lora_B"]._modules
+            for name, module in submodules["lora_A"]._modules.items():
+                dicts += (module._parameters, b_modules[name]._parameters)
+                keys += ("weight", "weight")
+            embedding_a, embedding_b = (
+                submodules["lora_embedding_A"]._parameters,
+                submodules["lora_embedding_B"]._parameters,
+            )
+            for name in embedding_a:
+                dicts += (embedding_a, embedding_b)
+                keys += (name, name)
+        self.parameter_dicts, self.parameter_keys = dicts, keys
+        parameters = self._parameters()
+        self.ids, self.pointers = list(map(id, parameters)), list(map(_data_ptr, parameters))
+
+    def _parameters(self) -> list:
+        return list(map(operator.getitem, self.parameter_dicts, self.parameter_keys))
+
+    def holds(self) -> bool:
+        if registrations() != self.registrations or list(map(len, self.name_dicts)) != self.name_counts:
+            return False
+        try:
+            parameters = self._parameters()
+        except KeyError:
+            return False
+        return list(map(id, parameters)) == self.ids and list(map(_data_ptr, parameters)) == self.pointers
+
+
 class AdapterBank:
     """The model-wide adapter registry of a patched model, and the storage of every fast layer's adapters.
 
@@ -406,8 +494,17 @@ class AdapterBank:
     """
 
     def __init__(self, lora_layers: list[LoraLayer], fast_layers: list[LoraLayer]):
+        watch_registrations()
+        self._lora_layers: list[LoraLayer] = []
+        self._fast_layers: list[LoraLayer] = []
+        self._snapshot: _Snapshot | None = None
+        self._names_cache: tuple[tuple, set[str], set[str]] | None = None
         self.lora_layers = lora_layers
         self.fast_layers = fast_layers
+        self.synced: tuple[int, int] | None = None  # (registrations, model id) at the last layer sync (patch.py)
+        # Adapter names that some fast layer leaves to PEFT's path (all reasons / DoRA ones), as of the last check.
+        self.left_to_peft: set[str] = set()
+        self.dora_left_to_peft: set[str] = set()
         self.sibling_candidates: list[list[LoraLayer]] = []
         self.layer_names: dict[int, str] = {}  # id(layer) → module path, for error messages
         self.peft_served: list[torch.nn.Module] = []  # LoRA layers and wrappers left to PEFT's hooks (patch.py)
@@ -419,13 +516,52 @@ class AdapterBank:
         self._warned: set[tuple[str, str]] = set()
         self.refresh()
 
+    @property
+    def lora_layers(self) -> list[LoraLayer]:
+        return self._lora_layers
+
+    @lora_layers.setter
+    def lora_layers(self, layers: list[LoraLayer]) -> None:
+        self._lora_layers = layers
+        self._name_dicts = _name_dicts(layers)
+        self._names_cache = None
+        self._snapshot = None
+
+    @property
+    def fast_layers(self) -> list[LoraLayer]:
+        return self._fast_layers
+
+    @fast_layers.setter
+    def fast_layers(self, layers: list[LoraLayer]) -> None:
+        self._fast_layers = layers
+        self._names_cache = None  # which layers serve DoRA changed
+        self._snapshot = None  # it covers the layers it was made for only
+
+    def _names(self) -> tuple[set[str], set[str]]:
+        """``(adapter names, DoRA adapters some layer cannot serve)``, recomputed only when a registration or a
+        deletion may have changed them."""
+        key = (registrations(), *map(len, self._name_dicts))
+        cached = self._names_cache
+        if cached is None or cached[0] != key:
+            names: set[str] = set()
+            refused: set[str] = set()
+            for layer in self.lora_layers:
+                names |= layer.lora_A.keys()
+                names |= layer.lora_embedding_A.keys()
+                # DoRA is served where the packed path serves it (fast Linear layers); elsewhere PEFT's error stands.
+                served = dora_adapters(layer) if "_fastlora_peft_class" in type(layer).__dict__ else set()
+                refused |= {name for name, on in layer.use_dora.items() if on and name not in served}
+            cached = self._names_cache = (key, names, refused)
+        return cached[1], cached[2]
+
     def adapter_names(self) -> set[str]:
         """All adapter names held by at least one LoRA layer."""
-        names: set[str] = set()
-        for layer in self.lora_layers:
-            names |= layer.lora_A.keys()
-            names |= layer.lora_embedding_A.keys()
-        return names
+        return set(self._names()[0])
+
+    def refused_dora(self) -> set[str]:
+        """Adapters that some LoRA layer holds as DoRA but the packed path does not serve there (PEFT's DoRA error
+        applies to rows naming them)."""
+        return set(self._names()[1])
 
     def _assign_slots(self) -> None:
         """Free the slots of deleted adapters and give new ones the lowest free slots (``num_slots`` never shrinks)."""
@@ -450,7 +586,27 @@ class AdapterBank:
         # Storage made inside a call under torch.inference_mode() would be inference tensors, and PEFT's parameters
         # views of them: training, a grad-mode forward or an in-place edit outside inference mode would then fail.
         with torch.inference_mode(False):
-            self._refresh(named)
+            snapshot = self._snapshot
+            if snapshot is not None and snapshot.holds():
+                self._refresh_values(named)
+            else:
+                counted = registrations()  # before the walk: a registration during it is seen by the next call
+                self._snapshot = None
+                self._refresh(named)
+                try:
+                    self._snapshot = _Snapshot(counted, self.lora_layers, self.fast_layers)
+                except KeyError:  # a variant keeps its weights elsewhere: check unit by unit on every call
+                    self._snapshot = None
+
+    def _refresh_values(self, named: set[str] | None) -> None:
+        """The per-call refresh while the snapshot holds: every parameter is still a view of the storage, so
+        only scalings (``set_scale``) and DoRA's rescale (derived from the weights) are reread."""
+        for unit in self._units.values():
+            self._update_scales(unit)
+            for layer in unit.layers:
+                dora = layer._fastlora_packed.dora
+                if dora is not None:
+                    refresh_dora_scales(layer, self.slots, dora, named)
 
     def _refresh(self, named: set[str] | None) -> None:
         self._assign_slots()
@@ -480,6 +636,10 @@ class AdapterBank:
             if len(layers) > 1:
                 self.groups.append(layers[0]._fastlora_packed.group)
         self._units = kept
+        self.left_to_peft = set().union(*(layer._fastlora_unsupported for layer in self.fast_layers))
+        self.dora_left_to_peft = set().union(
+            *(layer._fastlora_unsupported & dora_adapters(layer) for layer in self.fast_layers)
+        )
         self._warn_left_to_peft(left_to_peft)
 
     def _pack(self, unit: _Unit) -> set[tuple[str, str]]:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import operator
 import threading
 import warnings
 from collections.abc import Sequence
@@ -52,7 +53,7 @@ from transformers import PreTrainedModel
 
 from . import peft_messages
 from .backends import get_backend
-from .bank import AdapterBank, sibling_groups
+from .bank import AdapterBank, registrations, sibling_groups
 from .dora import dora_adapters
 from .layers import FAST_MIXINS, is_fast_layer, patch_layer, unpatch_layer
 from .plan import BatchPlan
@@ -387,22 +388,27 @@ def _validate_names(lora_model: LoraModel, bank: AdapterBank, adapter_names: obj
     inputs = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
     if len(adapter_names) == 0 and (inputs is None or len(inputs) == 0):
         raise peft_messages.empty_batch()
-    for layer in bank.lora_layers:
-        if layer.merged:
-            raise peft_messages.merged_adapters()
-        # DoRA is served where the packed path serves it (fast Linear layers); elsewhere PEFT's error stands.
-        served = dora_adapters(layer) if is_fast_layer(layer) else set()
-        if any(layer.use_dora.get(name, False) and name not in served for name in unique):
-            raise peft_messages.dora_enabled()
+    refused = unique & bank.refused_dora()
+    if refused or any(map(_merged, bank.lora_layers)):
+        # PEFT's layers raise these in forward order, each layer its merged error before its DoRA one.
+        for layer in bank.lora_layers:
+            if layer.merged:
+                raise peft_messages.merged_adapters()
+            # DoRA is served where the packed path serves it (fast Linear layers); elsewhere PEFT's error stands.
+            served = dora_adapters(layer) if is_fast_layer(layer) else set()
+            if any(layer.use_dora.get(name, False) and name not in served for name in refused):
+                raise peft_messages.dora_enabled()
     return [str(name) for name in adapter_names]  # numpy's str_ entries become plain str
+
+
+_merged = operator.attrgetter("merged")
 
 
 def _refuse_dora_left_to_peft(bank: AdapterBank, named: set[str]) -> None:
     """PEFT's DoRA error where a named DoRA adapter is left to PEFT's path in some fast layer (its dtype differs from
     the layer's other adapters, known only once the bank has packed): PEFT's own layer would raise it mid-forward."""
-    for layer in bank.fast_layers:
-        if named & layer._fastlora_unsupported & dora_adapters(layer):
-            raise peft_messages.dora_enabled()
+    if named & bank.dora_left_to_peft:
+        raise peft_messages.dora_enabled()
 
 
 def _expand_size(lora_model: torch.nn.Module, kwargs: dict) -> int:
@@ -490,9 +496,11 @@ def _mixed_batch_context(lora_model: torch.nn.Module, *args, **kwargs):
             yield
         return
     with state.lock:
-        lora_layers, fast = _sync_layers(lora_model, state)
         bank = state.bank
-        bank.lora_layers, bank.fast_layers = lora_layers, fast
+        synced = (registrations(), id(lora_model))
+        if bank.synced != synced:  # a module was registered somewhere since the last walk: walk again
+            bank.lora_layers, bank.fast_layers = _sync_layers(lora_model, state)
+            bank.synced = synced
         names = _validate_names(lora_model, bank, adapter_names, kwargs)
         bank.refresh(set(names))
         _refuse_dora_left_to_peft(bank, set(names))
@@ -510,7 +518,10 @@ def _mixed_batch_context(lora_model: torch.nn.Module, *args, **kwargs):
                 functools.partial(_inject_adapter_names, state=state, plan=plan, adapter_names=expanded_names),
                 with_kwargs=True,
             )
-            for module in _peft_path_modules([*bank.fast_layers, *bank.peft_served], set(names))
+            for module in _peft_path_modules(
+                [*bank.fast_layers, *bank.peft_served] if bank.left_to_peft & set(names) else bank.peft_served,
+                set(names),
+            )
         ]
         encoder = _encoder(_inner_model(lora_model))
         if expand > 1 and encoder is not None:

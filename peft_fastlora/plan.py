@@ -24,7 +24,7 @@ buffer is copied once per call to every other device that asks for it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -56,6 +56,15 @@ class PlanView:
     sorted_rows: torch.Tensor
     groups: list[tuple[int, int, int]]
     segments: tuple[torch.Tensor, ...]
+    _addresses: tuple[int, ...] | None = field(default=None, repr=False, compare=False)
+
+    def addresses(self) -> tuple[int, ...]:
+        """The device addresses of ``segments``, read once per view (eager calls only: not while torch.compile
+        traces). A launch prepared with these addresses (``kernels.launch.DirectCall``) is valid for any view
+        whose addresses are equal: its tensors then sit exactly where the prepared launch reads."""
+        if self._addresses is None:
+            self._addresses = tuple(map(torch._C.TensorBase.data_ptr, self.segments))
+        return self._addresses
 
     @property
     def num_rows(self) -> int:

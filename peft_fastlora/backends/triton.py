@@ -3,22 +3,36 @@
 Siblings that read the same input (q/k/v, gate/up) share the shrink: the group's leader shrinks against the
 group's lora_A storage (every member's rows, slot by slot) at once, and each member then only expands its own
 columns of the result; the last member releases the shared result, so no activation outlives the group.
+
+In eager calls on a GPU the launches go through ``DirectCall``s prepared once per layer and batch shape and kept
+in the layer's ``PackedLora.launches``: an eager decode step runs ~350 launches, and the host time of each one,
+not the GPU's, bounded the step (see ``kernels/launch.py``).
 """
 
 from __future__ import annotations
 
 import torch
+import triton
 
 from ..bank import PackedLora
+from ..kernels import launch
 from ..kernels.launch import lora_expand_, lora_shrink
 from ..plan import PlanView
 from .torch_ref import TorchBackend
+
+_data_ptr = torch._C.TensorBase.data_ptr
+
+MAX_PREPARED = 64
+"""Batch shapes whose launches a layer keeps (each prefill length is one): past it the layer starts afresh."""
 
 
 class TritonBackend(TorchBackend):
     """Segmented-GEMM kernels for Linear layers; embeddings (a gather, one layer per model) use the torch path."""
 
     name = "triton"
+
+    def __init__(self):
+        self.direct = not launch.INTERPRETED  # turned off for good if this Triton's launcher is not the known one
 
     def add_lora(self, result: torch.Tensor, x: torch.Tensor, packed: PackedLora, view: PlanView) -> None:
         """Add each row's LoRA delta to ``result`` in place (see ``TorchBackend.add_lora``)."""
@@ -28,6 +42,8 @@ class TritonBackend(TorchBackend):
         if packed.max_rank == 0:
             if group is not None and packed.last:
                 group.forget()  # the last member releases the group's shrink output even when it adds nothing
+            return
+        if self._direct_allowed(x, result) and self._add_lora_direct(result, x, packed, view):
             return
         x_tokens = x.reshape(-1, x.shape[-1])
         if x_tokens.stride(-1) != 1:
@@ -49,3 +65,86 @@ class TritonBackend(TorchBackend):
             y_tokens, h, h_cols, packed.b, packed.scales, packed.b_offsets_dev, packed.ranks_dev, *plan,
             packed.max_rank,
         )  # fmt: skip
+
+    def _direct_allowed(self, x: torch.Tensor, result: torch.Tensor) -> bool:
+        """Whether this call may launch through prepared ``DirectCall``s: an eager call (not traced by
+        torch.compile) on a GPU, contiguous 16-byte-aligned activations (the specialisation the prepared launches
+        were compiled for), and no Triton launch hooks (a profiler's, which only Triton's own path calls)."""
+        if not self.direct or torch.compiler.is_compiling() or not x.is_cuda:
+            return False
+        if not (x.is_contiguous() and result.is_contiguous()) or (_data_ptr(x) | _data_ptr(result)) & 15:
+            return False
+        runtime = triton.knobs.runtime
+        return not (launch._hooked(runtime.launch_enter_hook) or launch._hooked(runtime.launch_exit_hook))
+
+    def _add_lora_direct(self, result: torch.Tensor, x: torch.Tensor, packed: PackedLora, view: PlanView) -> bool:
+        """``add_lora`` through the layer's prepared launches (preparing those of a new batch shape); False, having
+        done nothing, where this Triton's launcher cannot be prepared."""
+        prepared = packed.launches
+        num_tokens = x.numel() // x.shape[-1]
+        # The launches read the plan's tensors at these addresses, with these sizes and dtypes: together they
+        # determine every argument but the activations' addresses.
+        key = (num_tokens, view.addresses(), x.dtype, result.dtype)
+        group = packed.group
+        h = None
+        if group is not None:
+            if packed.leader:
+                shrink = ("group shrink", key, group.a, group.offsets_dev, group.ranks_dev, group.max_rank)
+                h = self._shrink(prepared, shrink, x, num_tokens, view)
+                if h is None:
+                    return False
+                group.remember(x, h)
+            h = group.take(x, packed.last)
+        shared = h is not None
+        if h is None:
+            shrink = ("shrink", key, packed.a, packed.a_offsets_dev, packed.ranks_dev, packed.max_rank)
+            h = self._shrink(prepared, shrink, x, num_tokens, view)
+            if h is None:
+                return False
+        expand = prepared.get(("expand", shared, key))
+        if expand is None:
+            args = launch.expand_launch(
+                result.view(num_tokens, result.shape[-1]), h, packed.h_cols if shared else None, packed.b,
+                packed.scales, packed.b_offsets_dev, packed.ranks_dev, *view.segments, num_tokens // view.num_rows,
+                packed.max_rank,
+            )  # fmt: skip
+            if args is None:
+                return True  # nothing to add (no tokens)
+            expand = launch._expand.direct(*args, second=4)
+            if expand is None:
+                self.direct = False
+                launch._expand(args[0], *args[1], **args[2])  # this call, the slow way; later calls too
+                return True
+            self._keep(prepared, ("expand", shared, key), expand)
+        expand(_data_ptr(h), _data_ptr(result))
+        return True
+
+    def _shrink(self, prepared: dict, what: tuple, x: torch.Tensor, num_tokens: int, view: PlanView):
+        """The shrink output ``h`` of ``x`` against the storage ``what`` names (``(tag, key, a, offsets, ranks,
+        max_rank)``), launched through its prepared launch; None where the launch cannot be prepared."""
+        tag, key, a, offsets, ranks, max_rank = what
+        entry = prepared.get((tag, key))
+        if entry is not None:
+            call, shape = entry
+            h = launch.scratch_empty(shape, dtype=torch.float32, device=x.device)
+            if call is not None:
+                call(_data_ptr(x), _data_ptr(h))
+            return h
+        h, args = launch.shrink_launch(
+            x.view(num_tokens, x.shape[-1]), a, offsets, ranks, *view.segments, num_tokens // view.num_rows, max_rank
+        )
+        call = None
+        if args is not None:
+            call = launch._shrink.direct(*args, second=2)
+            if call is None:
+                self.direct = False
+                return None
+            call(_data_ptr(x), _data_ptr(h))
+        self._keep(prepared, (tag, key), (call, tuple(h.shape)))
+        return h
+
+    @staticmethod
+    def _keep(prepared: dict, key: tuple, value) -> None:
+        if len(prepared) >= MAX_PREPARED:
+            prepared.clear()
+        prepared[key] = value

@@ -25,6 +25,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Scratch allocations go through this name so that tests can poison them with NaN (unwritten reads show up).
 scratch_empty = torch.empty
+_data_ptr = torch._C.TensorBase.data_ptr
 
 
 def _specialization(arg) -> tuple:
@@ -43,16 +44,46 @@ def _hooked(hook) -> bool:
     return hook is not None and bool(getattr(hook, "calls", True))
 
 
+class DirectCall:
+    """One kernel launch prepared for one layer and one batch shape: the compiled kernel's C launcher and every
+    argument but the two that change from call to call, already in the form the launcher takes (tensors as their
+    addresses, which the launcher accepts as plain ints and then takes as they are).
+
+    Through ``kernel[grid]`` (or even the compiled kernel's Python ``run``) each launch re-reads every tensor's
+    ``data_ptr`` in Python and asks the driver whether each address is a device pointer: tens of µs of host time
+    per launch on a slow host, twice per LoRA layer per decode step. Here a launch is one call into Triton's C
+    launcher. Built by ``CompiledLauncher.direct``; see ``LayerLaunches`` for when one may be reused.
+    """
+
+    __slots__ = ("launch", "grid", "meta", "middle", "rest", "device")
+
+    def __init__(self, launch, grid: tuple, meta: tuple, middle: tuple, rest: tuple, device: int):
+        self.launch, self.grid, self.meta = launch, grid, meta
+        self.middle, self.rest, self.device = middle, rest, device
+
+    def __call__(self, first: int, second: int) -> None:
+        """Launch with ``first`` and ``second`` (the addresses of the two per-call tensors) in their places."""
+        if torch._C._cuda_getDevice() != self.device:  # a split model calls cuda:1's layers while cuda:0 is current
+            with torch.cuda.device(self.device):
+                self._launch(first, second)
+        else:
+            self._launch(first, second)
+
+    def _launch(self, first: int, second: int) -> None:
+        stream = torch._C._cuda_getCurrentRawStream(self.device)
+        self.launch(*self.grid, stream, *self.meta, first, *self.middle, second, *self.rest)
+
+
 class CompiledLauncher:
     """Launch a ``@triton.jit`` kernel straight through its compiled handle once Triton has compiled it.
 
     ``kernel[grid](...)`` re-binds, re-specialises and re-checks every argument in Python on each call: about 50 µs
     per launch measured on an H200 (Triton 3.6), twice per LoRA layer per decode step, which made eager decode
     host-bound. The first call with a new specialisation (``_specialization`` of every argument, and the
-    constexprs) goes through Triton, which compiles and launches; later calls with the same specialisation call the
-    compiled kernel's launcher directly, as ``JITFunction.run`` itself does after its checks. Under the
-    interpreter every call goes through Triton. Constexprs are passed as keywords, in the kernel's order, after all
-    other arguments (as the kernels declare them).
+    constexprs) has Triton compile the kernel; later calls with the same specialisation call the compiled
+    kernel's launcher directly, as ``JITFunction.run`` itself does after its checks. Under the interpreter every
+    call goes through Triton. Constexprs are passed as keywords, in the kernel's order, after all other arguments
+    (as the kernels declare them).
 
     The launch runs on the device of the first argument (a tensor), with that device's current stream: a model
     split over GPUs (accelerate's ``device_map``) calls layers on cuda:1 while the current device is cuda:0, and
@@ -61,7 +92,7 @@ class CompiledLauncher:
 
     def __init__(self, kernel):
         self.kernel = kernel
-        self._compiled: dict[tuple, tuple] = {}
+        self._compiled: dict[tuple, object] = {}
 
     def __call__(self, grid: tuple[int, int, int], *args, **constexprs) -> None:
         if INTERPRETED:
@@ -74,18 +105,54 @@ class CompiledLauncher:
         else:
             self._launch(device, grid, args, constexprs)
 
-    def _launch(self, device: int, grid: tuple[int, int, int], args: tuple, constexprs: dict) -> None:
+    def _compiled_kernel(self, device: int, args: tuple, constexprs: dict):
+        """The compiled kernel for this specialisation on ``device`` (the current device), compiled on first use."""
         key = (device, *constexprs.values(), *map(_specialization, args))
-        compiled = self._compiled.get(key)
+        kernel = self._compiled.get(key)
+        if kernel is None:
+            kernel = self.kernel.warmup(*args, grid=(1, 1, 1), **constexprs)  # compiles; launches nothing
+            kernel = kernel.result() if hasattr(kernel, "result") else kernel
+            self._compiled[key] = kernel
+        return kernel
+
+    def _launch(self, device: int, grid: tuple[int, int, int], args: tuple, constexprs: dict) -> None:
         runtime = triton.knobs.runtime
-        if compiled is None or _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook):
-            # New specialisation (Triton compiles it), or a profiler's launch hooks (Triton calls them).
-            kernel = self.kernel[grid](*args, **constexprs)
-            self._compiled[key] = (kernel.run, kernel.function, kernel.packed_metadata)
+        if _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook):
+            self.kernel[grid](*args, **constexprs)  # a profiler's launch hooks: Triton calls them
             return
-        run, function, metadata = compiled
+        kernel = self._compiled_kernel(device, args, constexprs)
+        run = kernel.run  # (loads the binary on first use, which sets kernel.function)
         stream = torch._C._cuda_getCurrentRawStream(device)
-        run(*grid, stream, function, metadata, None, None, None, *args, *constexprs.values())
+        run(*grid, stream, kernel.function, kernel.packed_metadata, None, None, None, *args, *constexprs.values())
+
+    def direct(self, grid: tuple[int, int, int], args: tuple, constexprs: dict, second: int) -> DirectCall | None:
+        """A ``DirectCall`` of this launch whose per-call arguments are ``args[0]`` and ``args[second]``, or None
+        where Triton's launcher is not the one this knows (another Triton version; a kernel that needs scratch
+        memory, which its Python launcher allocates per call): the caller then launches through ``__call__``.
+
+        The other arguments are fixed in the call as they are now: tensors by address, so the caller may reuse it
+        only while those tensors are alive and unmoved, and with per-call tensors of the same dtype and 16-byte
+        alignment as these (the specialisation it was compiled for)."""
+        if INTERPRETED:
+            return None
+        device = args[0].device.index
+        with torch.cuda.device(device):
+            kernel = self._compiled_kernel(device, args, constexprs)
+            run = kernel.run
+        launch = getattr(run, "launch", None)
+        fields = ("launch_cooperative_grid", "launch_pdl", "global_scratch_size", "profile_scratch_size")
+        if launch is None or not all(hasattr(run, field) for field in fields):
+            return None
+        if run.global_scratch_size or run.profile_scratch_size:
+            return None
+        # What CudaLauncher.__call__ hands its C launcher after the grid and the stream: the function, the launch
+        # flags, no scratch buffers, the packed metadata, and no launch metadata or hooks (see _launch).
+        meta = (kernel.function, run.launch_cooperative_grid, run.launch_pdl, None, None, kernel.packed_metadata,
+                None, None, None)  # fmt: skip
+        plain = [_data_ptr(arg) if isinstance(arg, torch.Tensor) else arg for arg in args]
+        return DirectCall(
+            launch, tuple(grid), meta, tuple(plain[1:second]), (*plain[second + 1 :], *constexprs.values()), device
+        )
 
 
 @functools.cache
@@ -194,20 +261,37 @@ def launch_shrink(
         fp32 ``[splits, T, h_width(max_rank)]`` partial sums over K; rows of tokens in no segment, and rank lanes
         past an adapter's rank, are unwritten.
     """
+    h, launch = shrink_launch(
+        x, a, offsets, ranks, sorted_rows, seg_slots, seg_starts, seg_lens, num_segments, tokens_per_row, max_rank
+    )
+    if launch is not None:
+        _shrink(launch[0], *launch[1], **launch[2])
+    return h
+
+
+def shrink_launch(
+    x, a, offsets, ranks, sorted_rows, seg_slots, seg_starts, seg_lens, num_segments, tokens_per_row, max_rank
+) -> tuple[torch.Tensor, tuple | None]:
+    """``launch_shrink``'s output ``h`` (allocated, unwritten) and its launch ``(grid, args, constexprs)``, or None
+    for no tokens. ``args[0]`` is ``x`` and ``args[2]`` is ``h``."""
     num_tokens, k = x.shape
     segments, block_m, block_k, _, splits, k_steps = _tiles(
         num_tokens, offsets.shape[0], num_tokens // tokens_per_row, k, max_rank, x.device
     )
     block_r, r_tiles = rank_tiles(max_rank)
     h = scratch_empty(splits, num_tokens, block_r * r_tiles, dtype=torch.float32, device=x.device)
-    if num_tokens:
-        _shrink(
-            (segments, _cdiv(num_tokens, block_m), splits * r_tiles),
-            x, a, h, sorted_rows, seg_slots, seg_starts, seg_lens, num_segments, offsets, ranks, k, num_tokens,
-            tokens_per_row, x.stride(0), BLOCK_M=block_m, BLOCK_R=block_r, R_TILES=r_tiles, BLOCK_K=block_k,
-            K_STEPS=k_steps, PRECISION=dot_precision(x.dtype, a.dtype),
-        )  # fmt: skip
-    return h
+    if not num_tokens:
+        return h, None
+    grid = (segments, _cdiv(num_tokens, block_m), splits * r_tiles)
+    args = (
+        x, a, h, sorted_rows, seg_slots, seg_starts, seg_lens, num_segments, offsets, ranks, k, num_tokens,
+        tokens_per_row, x.stride(0),
+    )  # fmt: skip
+    constexprs = dict(
+        BLOCK_M=block_m, BLOCK_R=block_r, R_TILES=r_tiles, BLOCK_K=block_k, K_STEPS=k_steps,
+        PRECISION=dot_precision(x.dtype, a.dtype),
+    )  # fmt: skip
+    return h, (grid, args, constexprs)
 
 
 def launch_expand(
@@ -244,20 +328,37 @@ def launch_expand(
     offsets, ranks, sorted_rows, seg_slots, seg_starts, seg_lens, num_segments, tokens_per_row, max_rank
         As for ``launch_shrink``, for this layer's ``b`` (``offsets`` in units of ``N`` elements).
     """
+    launch = expand_launch(
+        y, h, h_cols, b, scales, offsets, ranks, sorted_rows, seg_slots, seg_starts, seg_lens, num_segments,
+        tokens_per_row, max_rank,
+    )  # fmt: skip
+    if launch is not None:
+        _expand(launch[0], *launch[1], **launch[2])
+
+
+def expand_launch(
+    y, h, h_cols, b, scales, offsets, ranks, sorted_rows, seg_slots, seg_starts, seg_lens, num_segments,
+    tokens_per_row, max_rank,
+) -> tuple | None:  # fmt: skip
+    """``launch_expand``'s launch ``(grid, args, constexprs)``, or None where it has nothing to do. ``args[0]`` is
+    ``h`` and ``args[4]`` is ``y``."""
     num_tokens, n = y.shape
     if num_tokens == 0 or max_rank == 0:
-        return
+        return None
     segments, block_m, _, block_n, _, _ = _tiles(
         num_tokens, offsets.shape[0], num_tokens // tokens_per_row, 1, max_rank, y.device
     )  # K (here 1) does not matter to the expand's tiles
     block_r, r_tiles = rank_tiles(max_rank)
     grid = (segments, _cdiv(num_tokens, block_m), _cdiv(n, block_n))
-    _expand(
-        grid, h, offsets if h_cols is None else h_cols, b, scales, y, sorted_rows, seg_slots, seg_starts, seg_lens,
-        num_segments, offsets, ranks, n, h.shape[1], tokens_per_row, y.stride(0), BLOCK_M=block_m,
-        BLOCK_R=block_r, R_TILES=r_tiles, H_STRIDE=h.shape[2], BLOCK_N=block_n, SPLITS=h.shape[0],
+    args = (
+        h, offsets if h_cols is None else h_cols, b, scales, y, sorted_rows, seg_slots, seg_starts, seg_lens,
+        num_segments, offsets, ranks, n, h.shape[1], tokens_per_row, y.stride(0),
+    )  # fmt: skip
+    constexprs = dict(
+        BLOCK_M=block_m, BLOCK_R=block_r, R_TILES=r_tiles, H_STRIDE=h.shape[2], BLOCK_N=block_n, SPLITS=h.shape[0],
         SHARED_H=h_cols is not None, PRECISION=dot_precision(y.dtype, b.dtype),
     )  # fmt: skip
+    return grid, args, constexprs
 
 
 _shrink = CompiledLauncher(shrink_kernel)

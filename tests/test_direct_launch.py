@@ -1,0 +1,82 @@
+"""Eager launches through prepared ``DirectCall``s (``backends/triton.py``): the host-time path of every eager
+GPU call. A prepared launch fixes every argument but the activations' addresses, so these tests change whatever
+else a call can change (the assignment of adapters to rows, the batch size, the prompt length, the storage after
+an edit, Triton's launch hooks) and compare with unpatched PEFT each time."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import triton
+from helpers import assert_close_relative, gpu_test_model
+
+from peft_fastlora import patch_model, tiny
+from peft_fastlora.layers import is_fast_layer
+
+
+def _prepared(model) -> int:
+    """How many launches the fast layers hold prepared."""
+    return sum(len(module._fastlora_packed.launches) for module in model.modules() if is_fast_layer(module))
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_prepared_launches_match_peft_whatever_changes_gpu(tmp_path):
+    model, names, batch = gpu_test_model(torch.float32, tmp_path)
+    peft = copy.deepcopy(model)
+    patch_model(model, backend="triton")
+
+    def compare(batch: dict, names: list) -> None:
+        expected = peft(**batch, adapter_names=names).logits
+        actual = torch.full_like(expected, float("nan"))
+        actual.copy_(model(**batch, adapter_names=names).logits)
+        assert_close_relative(actual, expected)
+
+    compare(batch, names)
+    assert _prepared(model) > 0, "the eager GPU call did not use prepared launches"
+    # The same shapes with other assignments: the plan is refilled in place, the prepared launches are reused.
+    for shift in range(1, 4):
+        compare(batch, names[shift:] + names[:shift])
+    compare(batch, ["__base__"] * len(names))
+    compare(batch, ["c"] * len(names))
+    # Another batch size and prompt length, then the first again.
+    small = {key: value.to("cuda") for key, value in tiny.random_prompts(3, 7, seed=9).items()}
+    compare(small, ["b", "a", "c"])
+    compare(batch, names)
+    # Decode steps with a cache (one token per row) through generate, against PEFT's tokens.
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    expected = peft.generate(**batch, adapter_names=names, **kwargs)
+    assert torch.equal(model.generate(**batch, adapter_names=names, **kwargs), expected)
+    # An in-place edit of an adapter (the storage the prepared launches read) and a new scaling.
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    peft_layer = peft.base_model.model.model.layers[0].self_attn.q_proj
+    for target in (layer, peft_layer):
+        target.lora_B["b"].weight.data.mul_(3)
+        target.set_scale("c", 0.5)
+    compare(batch, names)
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_triton_launch_hooks_still_see_every_launch_gpu(tmp_path):
+    """A profiler's Triton launch hooks are called by Triton's own launch path only, so a call made while one is set
+    takes that path (and stays right)."""
+    model, names, batch = gpu_test_model(torch.float32, tmp_path)
+    peft = copy.deepcopy(model)
+    patch_model(model, backend="triton")
+    model(**batch, adapter_names=names)  # prepares the launches
+    launched = []
+    hooks = triton.knobs.runtime.launch_enter_hook  # a HookChain in Triton 3.6
+
+    def hook(metadata) -> None:
+        launched.append(metadata)
+
+    hooks.add(hook)
+    try:
+        actual = model(**batch, adapter_names=names).logits
+    finally:
+        hooks.remove(hook)
+    assert launched, "no launch went through Triton while its launch hook was set"
+    assert_close_relative(actual, peft(**batch, adapter_names=names).logits)
