@@ -33,6 +33,7 @@ import collections
 import functools
 import operator
 import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -45,28 +46,42 @@ BASE_SLOT = -1
 """The slot id of a ``"__base__"`` row: no LoRA."""
 
 _REGISTRATIONS = [0]
+_WATCHED: frozenset[int] = frozenset()  # ids of the modules of every patched model (see watch_modules)
+_WATCH_SETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # bank → the ids it watches
 
 
 def _count_registration(module: torch.nn.Module, name: str, value: object) -> None:
-    _REGISTRATIONS[0] += 1  # (returns None: the registered object is kept as it is)
+    if id(module) in _WATCHED:
+        _REGISTRATIONS[0] += 1
+    # (returns None: the registered object is kept as it is)
 
 
 @functools.cache
-def watch_registrations() -> None:
-    """Count every submodule and parameter registered on any module of this process, through torch's global
-    registration hooks (``register_module_module_registration_hook``, ``..._parameter_registration_hook``).
-
-    Every structural change PEFT makes registers something: ``add_adapter``/``load_adapter`` and
-    ``inject_adapter`` set new modules (``ModuleDict.__setitem__``, ``setattr``), replacing a parameter object
-    registers the new one, ``load_state_dict(assign=True)`` sets parameters. So while the count stands still the
-    model's module tree, adapter modules and parameter objects are as they were, and a call need not walk them
-    again. (Deletions register nothing; the per-call check counts adapter names per layer for them.)"""
+def _install_registration_hooks() -> None:
     torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
     torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
 
 
+def watch_modules(owner: object, modules: list[torch.nn.Module]) -> None:
+    """Count from now on every submodule or parameter registered on one of ``modules`` (``owner``'s model: every
+    module of its tree, LoRA layers and their adapter containers included), through torch's global registration
+    hooks; ``registrations`` reads the count. Replaces what ``owner`` watched before.
+
+    Every structural change PEFT makes registers something on a module of the model: ``add_adapter`` /
+    ``load_adapter`` / ``inject_adapter`` set new modules (``setattr``, ``ModuleDict.__setitem__``), ``unload``
+    puts base layers back with ``setattr``, replacing a parameter object registers the new one, and so does
+    ``load_state_dict(assign=True)``. While the count stands still, the module tree, the adapter modules and the
+    parameter objects are as they were, so a call need not walk them again. (Deletions register nothing: the
+    per-call check counts each layer's adapters for them.) Registrations elsewhere are not counted: transformers
+    registers modules into a fresh ``ModuleList`` on every forward (``self.layers[: n]``)."""
+    global _WATCHED
+    _install_registration_hooks()
+    _WATCH_SETS[owner] = frozenset(map(id, modules))
+    _WATCHED = frozenset().union(*_WATCH_SETS.values())  # one assignment: the hook sees the old set or the new
+
+
 def registrations() -> int:
-    """How many modules and parameters have been registered so far (see ``watch_registrations``)."""
+    """How many modules and parameters have been registered on watched modules so far (see ``watch_modules``)."""
     return _REGISTRATIONS[0]
 
 
@@ -494,7 +509,6 @@ class AdapterBank:
     """
 
     def __init__(self, lora_layers: list[LoraLayer], fast_layers: list[LoraLayer]):
-        watch_registrations()
         self._lora_layers: list[LoraLayer] = []
         self._fast_layers: list[LoraLayer] = []
         self._snapshot: _Snapshot | None = None

@@ -53,7 +53,7 @@ from transformers import PreTrainedModel
 
 from . import peft_messages
 from .backends import get_backend
-from .bank import AdapterBank, registrations, sibling_groups
+from .bank import AdapterBank, registrations, sibling_groups, watch_modules
 from .dora import dora_adapters
 from .layers import FAST_MIXINS, is_fast_layer, patch_layer, unpatch_layer
 from .plan import BatchPlan
@@ -172,14 +172,14 @@ def _model_device(layers: list[LoraLayer]) -> torch.device:
     return layers[0].get_base_layer().weight.device
 
 
-def _adapter_modules(root: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+def _adapter_modules(root: torch.nn.Module) -> tuple[list[tuple[str, torch.nn.Module]], list[torch.nn.Module]]:
     """``(path, module)`` of every LoRA layer and ``modules_to_save`` wrapper under ``root``, in ``named_modules``
-    order, each once.
+    order, each once; and every module of the tree (``root`` and each LoRA layer's own modules included), for
+    ``bank.watch_modules``.
 
-    It runs on every mixed call, so it does not descend into LoRA layers: their children are only adapter weights
-    and the base layer, and a Llama-3-8B-shaped model with 8 adapters holds ~30 modules per LoRA layer, which made
-    ``named_modules`` the largest host cost of a call's set-up."""
-    found, seen = [], set()
+    It does not descend into LoRA layers by name (their children are only adapter weights and the base layer, ~30
+    modules per layer with 8 adapters), so paths are made for the modules that need one."""
+    found, seen, tree = [], set(), [root]
 
     def visit(module: torch.nn.Module, prefix: str) -> None:
         for name, child in module._modules.items():
@@ -188,11 +188,14 @@ def _adapter_modules(root: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]
             seen.add(id(child))
             if isinstance(child, (LoraLayer, AuxiliaryTrainingWrapper)):
                 found.append((prefix + name, child))
-            if not isinstance(child, LoraLayer):
+            if isinstance(child, LoraLayer):
+                tree.extend(child.modules())
+            else:
+                tree.append(child)
                 visit(child, f"{prefix}{name}.")
 
     visit(root, "")
-    return found
+    return found, tree
 
 
 def _sync_layers(
@@ -202,7 +205,7 @@ def _sync_layers(
 
     With ``warn``, name the LoRA layer types left on PEFT's path in one warning. Returns
     ``(all_lora_layers, fast_layers)``; the bank also keeps the modules that PEFT's hooks serve (``peft_served``)."""
-    found = _adapter_modules(lora_model)
+    found, tree = _adapter_modules(lora_model)
     named = [(name, module) for name, module in found if isinstance(module, LoraLayer)]
     lora_layers = [module for _, module in named]
     fast, others = [], set()
@@ -222,6 +225,7 @@ def _sync_layers(
             stacklevel=3,
         )
     if state is not None:
+        watch_modules(state.bank, tree)
         fast_ids = {id(layer) for layer in fast}
         state.bank.peft_served = [module for _, module in found if id(module) not in fast_ids]
         state.bank.layer_names = {id(module): name for name, module in named}

@@ -19,7 +19,7 @@ import os
 import pytest
 import torch
 from helpers import assert_close_relative, assert_unpatched, fp32_oracle, interpreted, oracle_error
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model
 from test_storage import data_assign, data_copy, data_mul, edit_every_layer, numpy_write, set_scale
@@ -28,11 +28,15 @@ from peft_fastlora import patch_model, tiny, unpatch_model
 
 TARGETS = [*tiny.TARGET_MODULES["llama"], "embed_tokens", "lm_head"]
 SCALE = float(os.environ.get("FUZZ_EXAMPLES", "1"))
+# FUZZ_NO_SHRINK=1 reports a failing example as found, without hypothesis' shrinking (which can run for minutes of
+# device time on a GPU test).
+PHASES = [Phase.explicit, Phase.reuse, Phase.generate] if os.environ.get("FUZZ_NO_SHRINK") else list(Phase)
 
 
 def fuzz_settings(examples: int, derandomize: bool = False):
     return settings(
         max_examples=max(1, int(examples * SCALE)),
+        phases=PHASES,
         derandomize=derandomize,
         deadline=None,
         database=None,  # no .hypothesis folder in the checkout; failures print their example
