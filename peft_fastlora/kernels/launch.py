@@ -39,6 +39,15 @@ def _specialization(arg) -> tuple:
     raise TypeError(f"CompiledLauncher takes tensors and ints as runtime arguments, got {type(arg).__name__}")
 
 
+def _fixed(arg) -> object:
+    """What a ``DirectCall`` fixes of an argument: an int's value, a tensor's address and dtype."""
+    return arg if type(arg) is int else (_data_ptr(arg), arg.dtype)
+
+
+MAX_DIRECT = 4096
+"""``DirectCall``s a ``CompiledLauncher`` keeps (layers × batch shapes); past it, it starts afresh."""
+
+
 def _hooked(hook) -> bool:
     """Whether a Triton launch hook (None, or a chain of callables) would call anything."""
     return hook is not None and bool(getattr(hook, "calls", True))
@@ -90,13 +99,37 @@ class CompiledLauncher:
     Triton would launch on the current one.
     """
 
-    def __init__(self, kernel):
+    def __init__(self, kernel, second: int):
         self.kernel = kernel
+        self.second = second  # the index of the other per-call tensor argument (the first is args[0])
         self._compiled: dict[tuple, object] = {}
+        self._direct: dict[tuple, DirectCall | None] = {}
 
     def __call__(self, grid: tuple[int, int, int], *args, **constexprs) -> None:
         if INTERPRETED:
             self.kernel[grid](*args, **constexprs)
+            return
+        runtime = triton.knobs.runtime
+        if _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook):
+            self.kernel[grid](*args, **constexprs)  # a profiler's launch hooks: Triton's own path calls them
+            return
+        # A DirectCall per everything it fixes: the grid, the constexprs, every other argument (tensors by address
+        # and dtype), and the dtypes and 16-byte alignment of the two per-call tensors (their specialisation). This
+        # serves the compiled graph's custom ops, which get tensors rather than the layer's prepared launches.
+        second = self.second
+        first_ptr, second_ptr = _data_ptr(args[0]), _data_ptr(args[second])
+        key = (
+            grid, args[0].dtype, args[second].dtype, first_ptr & 15 == 0, second_ptr & 15 == 0,
+            *map(_fixed, args[1:second]), *map(_fixed, args[second + 1 :]), *constexprs.values(),
+        )  # fmt: skip
+        call = self._direct.get(key, False)
+        if call is False:
+            call = self.direct(grid, args, constexprs, second)
+            if len(self._direct) >= MAX_DIRECT:
+                self._direct.clear()
+            self._direct[key] = call
+        if call is not None:
+            call(first_ptr, second_ptr)
             return
         device = args[0].device.index
         if device != torch.cuda.current_device():
@@ -116,10 +149,6 @@ class CompiledLauncher:
         return kernel
 
     def _launch(self, device: int, grid: tuple[int, int, int], args: tuple, constexprs: dict) -> None:
-        runtime = triton.knobs.runtime
-        if _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook):
-            self.kernel[grid](*args, **constexprs)  # a profiler's launch hooks: Triton calls them
-            return
         kernel = self._compiled_kernel(device, args, constexprs)
         run = kernel.run  # (loads the binary on first use, which sets kernel.function)
         stream = torch._C._cuda_getCurrentRawStream(device)
@@ -361,8 +390,8 @@ def expand_launch(
     return grid, args, constexprs
 
 
-_shrink = CompiledLauncher(shrink_kernel)
-_expand = CompiledLauncher(expand_kernel)
+_shrink = CompiledLauncher(shrink_kernel, second=2)  # per call: x and h
+_expand = CompiledLauncher(expand_kernel, second=4)  # per call: h and y
 
 # The custom ops are what torch.compile sees; eager calls skip their dispatch cost (tens of µs per call measured on
 # an H100, in every LoRA layer of every decode step) and launch directly.
