@@ -451,8 +451,10 @@ class _Snapshot:
 
     It holds while no module or parameter has been registered since (``registrations``: adapters added, modules
     or parameter objects replaced), every layer holds as many adapters as then (deletions), and each adapter
-    parameter is the same object at the same address (``param.data = tensor``, ``model.to``; no hook sees those).
-    Then every parameter is still a view of the storage and a call only rereads the scalings.
+    parameter in its module still starts at the address it had (``param.data = tensor``, ``model.to``; no hook
+    sees those). The storage is alive, so a parameter at one of its addresses is a view of it: what PEFT reads
+    is what the kernels read (a parameter object put straight into ``_parameters``, as ``model.to`` does under
+    torch's overwrite-on-conversion flag, is checked by address alike). Then a call only rereads the scalings.
 
     Raises KeyError when made for a layer whose adapter weights are not where ``lora.Linear`` keeps them (a
     variant); the bank then checks unit by unit on every call.
@@ -478,7 +480,7 @@ class _Snapshot:
                 keys += (name, name)
         self.parameter_dicts, self.parameter_keys = dicts, keys
         parameters = self._parameters()
-        self.ids, self.pointers = list(map(id, parameters)), list(map(_data_ptr, parameters))
+        self.pointers = list(map(_data_ptr, parameters))
 
     def _parameters(self) -> list:
         return list(map(operator.getitem, self.parameter_dicts, self.parameter_keys))
@@ -490,7 +492,7 @@ class _Snapshot:
             parameters = self._parameters()
         except KeyError:
             return False
-        return list(map(id, parameters)) == self.ids and list(map(_data_ptr, parameters)) == self.pointers
+        return list(map(_data_ptr, parameters)) == self.pointers
 
 
 class AdapterBank:
