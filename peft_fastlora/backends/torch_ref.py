@@ -96,10 +96,21 @@ def _add_rows(result: torch.Tensor, rows: torch.Tensor | None, delta: torch.Tens
     """Add ``delta`` into ``result``'s rows ``rows``; with ``rows`` None (compiling), into the rows of ``slot``.
 
     The mask depends on the plan's tensors only, not on Python values, so a compiled graph serves any assignment;
-    ``where`` rather than a multiply, so a non-finite value computed for another adapter's row does not leak."""
-    delta = delta.to(result.dtype)
+    ``where`` rather than a multiply, so a non-finite value computed for another adapter's row does not leak.
+
+    As in PEFT's ``result = result + delta``, the sum is taken in the promoted dtype and rounded to ``result``'s once:
+    an fp32 delta (PEFT's default fp32 adapters) is not rounded to a bf16 model's dtype before it is added."""
+    if delta.dtype == result.dtype:
+        if rows is not None:
+            result.index_add_(0, rows, delta)
+            return
+        own = (view.row_slots == slot).view(-1, *([1] * (delta.dim() - 1)))
+        result += torch.where(own, delta, 0)
+        return
+    wide = torch.promote_types(result.dtype, delta.dtype)
     if rows is not None:
-        result.index_add_(0, rows, delta)
+        summed = (result.index_select(0, rows).to(wide) + delta.to(wide)).to(result.dtype)
+        result.index_copy_(0, rows.long(), summed)  # (index_copy_ takes int64 indices only)
         return
     own = (view.row_slots == slot).view(-1, *([1] * (delta.dim() - 1)))
-    result += torch.where(own, delta, 0)
+    result.copy_(torch.where(own, result.to(wide) + delta.to(wide), result.to(wide)).to(result.dtype))

@@ -117,7 +117,7 @@ def expand_kernel(
     BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, SHARED_H: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """``y[t, n-tile] += scale_s · (Σ_split h[split, t]) @ B_s[n-tile, :]ᵀ`` for the tokens of one tile of one
-    segment.
+    segment (the delta rounded to B's dtype, the sum to y's).
 
     ``B_s`` is slot s's ``[N, rank]`` block of the flat ``b`` (PEFT's lora_B layout), starting at element
     ``offsets[s] * N``: a ``[BLOCK_R, BLOCK_N]`` tile of it covers ``BLOCK_N`` consecutive rows, so it is one
@@ -154,7 +154,9 @@ def expand_kernel(
         y_offsets = tokens[:, None] * stride_y + n[None, :]
         y_mask = token_mask[:, None] & n_mask[None, :]
         y_tile = tl.load(y_ptr + y_offsets, mask=y_mask, other=0.0)
-        # Round the delta to y's dtype before adding, as PEFT's `result += lora_output.to(result.dtype)` does, so
-        # that bf16 results match PEFT's rounding.
-        delta = delta.to(y_tile.dtype).to(tl.float32)
+        # Round the delta to the adapters' dtype before adding, as PEFT computes it (`lora_B(lora_A(x)) * scaling`
+        # in the adapters' dtype) and then adds it to the base output in the promoted dtype, rounding the sum once:
+        # bf16 adapters give a bf16 delta; fp32 adapters (PEFT's default on a bf16 model) keep it in fp32, where
+        # rounding it to bf16 first (as this kernel once did) rounded twice and cost argmax agreement.
+        delta = delta.to(b_tile.dtype).to(tl.float32)
         tl.store(y_ptr + y_offsets, (y_tile.to(tl.float32) + delta).to(y_tile.dtype), mask=y_mask)
