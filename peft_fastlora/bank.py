@@ -267,7 +267,8 @@ def pack(
             starts = zip(a_offsets[index], group_offsets, ranks[index], strict=True)
             h_cols = [start - group_start if rank else 0 for start, group_start, rank in starts]
         rows_of_meta = [a_offsets[index], b_offsets[index], ranks[index], h_cols]
-        meta = torch.tensor([*rows_of_meta, torch.tensor(scales).view(torch.int32).tolist()], dtype=torch.int32)
+        scale_bits = torch.tensor(scales, dtype=torch.float32).view(torch.int32).tolist()  # (any default dtype)
+        meta = torch.tensor([*rows_of_meta, scale_bits], dtype=torch.int32)
         b = torch.empty(b_rows[index] * out_features[index], dtype=dtype, device=device)
         packed = PackedLora(
             a, b, out_features[index], a_offsets[index], b_offsets[index], ranks[index], meta.to(a.device)
@@ -451,10 +452,9 @@ class _Snapshot:
 
     It holds while no module or parameter has been registered since (``registrations``: adapters added, modules
     or parameter objects replaced), every layer holds as many adapters as then (deletions), and each adapter
-    parameter in its module still starts at the address it had (``param.data = tensor``, ``model.to``; no hook
-    sees those). The storage is alive, so a parameter at one of its addresses is a view of it: what PEFT reads
-    is what the kernels read (a parameter object put straight into ``_parameters``, as ``model.to`` does under
-    torch's overwrite-on-conversion flag, is checked by address alike). Then a call only rereads the scalings.
+    parameter in its module is the same object at the same address (``param.data = tensor``, ``model.to``, a
+    parameter put straight into ``_parameters`` as accelerate's ``set_module_tensor_to_device`` and torch's
+    overwrite-on-conversion ``model.to`` do; no hook sees those). Then a call only rereads the scalings.
 
     Raises KeyError when made for a layer whose adapter weights are not where ``lora.Linear`` keeps them (a
     variant); the bank then checks unit by unit on every call.
@@ -480,7 +480,7 @@ class _Snapshot:
                 keys += (name, name)
         self.parameter_dicts, self.parameter_keys = dicts, keys
         parameters = self._parameters()
-        self.pointers = list(map(_data_ptr, parameters))
+        self.ids, self.pointers = list(map(id, parameters)), list(map(_data_ptr, parameters))
 
     def _parameters(self) -> list:
         return list(map(operator.getitem, self.parameter_dicts, self.parameter_keys))
@@ -492,7 +492,7 @@ class _Snapshot:
             parameters = self._parameters()
         except KeyError:
             return False
-        return list(map(_data_ptr, parameters)) == self.pointers
+        return list(map(id, parameters)) == self.ids and list(map(_data_ptr, parameters)) == self.pointers
 
 
 class AdapterBank:
@@ -531,6 +531,7 @@ class AdapterBank:
         self.lora_layers = lora_layers
         self.fast_layers = fast_layers
         self.synced: tuple[int, int] | None = None  # (registrations, model id) at the last layer sync (patch.py)
+        self.confirmed: tuple[int, int] | None = None  # the same, once two walks in a row saw it
         # Adapter names that some fast layer leaves to PEFT's path (all reasons / DoRA ones), as of the last check.
         self.left_to_peft: set[str] = set()
         self.dora_left_to_peft: set[str] = set()
@@ -733,7 +734,7 @@ class AdapterBank:
                 values = [0.0] * self.num_slots
                 for slot, _ in scalings:
                     values[slot] = float(layer.scaling[self._slot_names[slot]])
-                packed.scales.copy_(torch.tensor(values))
+                packed.scales.copy_(torch.tensor(values, dtype=torch.float32))
                 unit.scalings[index] = scalings
 
     def release(self, layer: LoraLayer) -> None:

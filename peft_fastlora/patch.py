@@ -502,8 +502,12 @@ def _mixed_batch_context(lora_model: torch.nn.Module, *args, **kwargs):
     with state.lock:
         bank = state.bank
         synced = (registrations(), id(lora_model))
-        if bank.synced != synced:  # a module was registered somewhere since the last walk: walk again
+        if bank.synced != synced or bank.confirmed != synced:
+            # Something was registered on the model since the last walk: walk again, and once more on the next
+            # call. torch counts a registration (its hook) before it stores the module, so a walk made in between
+            # by a call on another thread misses the module; the second walk finds it.
             bank.lora_layers, bank.fast_layers = _sync_layers(lora_model, state)
+            bank.confirmed = bank.synced if bank.synced == synced else None
             bank.synced = synced
         names = _validate_names(lora_model, bank, adapter_names, kwargs)
         bank.refresh(set(names))

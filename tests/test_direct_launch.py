@@ -10,9 +10,11 @@ import copy
 import pytest
 import torch
 import triton
-from helpers import assert_close_relative, gpu_test_model
+from helpers import assert_close_relative, gpu_test_model, interpreted
 
 from peft_fastlora import patch_model, tiny
+from peft_fastlora.backends import triton as triton_backend
+from peft_fastlora.kernels import launch
 from peft_fastlora.layers import is_fast_layer
 
 
@@ -80,3 +82,48 @@ def test_triton_launch_hooks_still_see_every_launch_gpu(tmp_path):
         hooks.remove(hook)
     assert launched, "no launch went through Triton while its launch hook was set"
     assert_close_relative(actual, peft(**batch, adapter_names=names).logits)
+
+
+class _InterpretedDirectCall:
+    """A stand-in for ``DirectCall`` under the interpreter: like the real one it fixes every argument but the two
+    per-call tensors, which it finds again by their addresses, and replays the grid and constexprs it was made
+    with. So a prepared launch reused for a call it does not fit gives that call's wrong answer here too."""
+
+    tensors: dict[int, torch.Tensor] = {}
+
+    def __init__(self, kernel, grid, args, constexprs, second):
+        self.kernel, self.grid, self.args, self.constexprs, self.second = kernel, grid, list(args), constexprs, second
+
+    def __call__(self, first: int, second: int) -> None:
+        args = list(self.args)
+        args[0], args[self.second] = self.tensors[first], self.tensors[second]
+        self.kernel[self.grid](*args, **self.constexprs)
+
+
+@interpreted
+@torch.no_grad()
+def test_prepared_launches_are_keyed_by_all_they_fix_interpreted(tmp_path, monkeypatch):
+    """The eager prepared-launch path, run on the CPU through the stand-in: batches of one token count and other row
+    counts (4 × 4, 1 × 16, 2 × 8) once shared a prepared launch whose tokens per row and grid were the first's."""
+
+    def data_ptr(tensor: torch.Tensor) -> int:
+        address = torch._C.TensorBase.data_ptr(tensor)
+        _InterpretedDirectCall.tensors[address] = tensor
+        return address
+
+    def direct(self, grid, args, constexprs, second):
+        return _InterpretedDirectCall(self.kernel, grid, args, constexprs, second)
+
+    monkeypatch.setattr(triton_backend, "_data_ptr", data_ptr)
+    monkeypatch.setattr(launch.CompiledLauncher, "direct", direct)
+    monkeypatch.setattr(triton_backend.TritonBackend, "_direct_allowed", lambda self, x, result: x.is_contiguous())
+    model, _, _ = gpu_test_model(torch.float32, tmp_path, device="cpu")
+    peft = copy.deepcopy(model)
+    patch_model(model, backend="triton")
+    model.base_model._fastlora_state.backend.direct = True
+    shapes = [(4, 4, ["a", "b", "c", "a"]), (4, 4, ["c", "a", "b", "b"]), (1, 16, ["c"]), (2, 8, ["b", "a"])]
+    for seed, (rows, length, names) in enumerate(shapes):
+        batch = tiny.random_prompts(rows, length, seed=seed, left_padding=False)
+        expected = peft(**batch, adapter_names=names).logits
+        assert_close_relative(model(**batch, adapter_names=names).logits, expected)
+    assert _prepared(model) > 0, "the prepared-launch path did not run"

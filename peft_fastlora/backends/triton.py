@@ -86,8 +86,11 @@ class TritonBackend(TorchBackend):
         prepared = packed.launches
         num_tokens = x.numel() // x.shape[-1]
         # The launches read the plan's tensors at these addresses, with these sizes and dtypes: together they
-        # determine every argument but the activations' addresses.
-        key = (num_tokens, view.addresses(), x.dtype, result.dtype)
+        # determine every argument but the activations' addresses. The row count is not implied by the addresses
+        # (a row view's sections sit at the same places for any batch size that fits the plan's buffer), and with
+        # the token count it fixes tokens per row, the grid and h's shape: 4 rows × 4 tokens and 1 row × 16 tokens
+        # once shared a prepared launch (silently wrong, or writes out of bounds).
+        key = (num_tokens, view.num_rows, view.addresses(), x.dtype, result.dtype)
         group = packed.group
         h = None
         if group is not None:
