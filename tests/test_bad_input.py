@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import assert_close_relative, load
+from helpers import assert_close_relative, assert_no_worse_than_peft, load, oracle_batch
 
 from peft_fastlora import patch_model, tiny, unpatch_model
 
@@ -80,17 +80,16 @@ def test_adapter_on_another_device(model, adapter_dirs):
 @torch.no_grad()
 def test_bf16_model_with_fp32_adapters(adapter_dirs):
     """PEFT's default loads adapters in fp32 onto a bf16 base (autocast_adapter_dtype); also one adapter cast to
-    bf16 beside fp32 ones. Both must match PEFT's own mixed batch at bf16 resolution."""
+    bf16 beside fp32 ones. Both are judged against an fp32 copy: no worse than PEFT's own mixed batch (PEFT's mixed
+    batch rounds an fp32 delta to bf16 before adding it, ours adds it in fp32 as PEFT's single-adapter forward
+    does, so a bf16-vs-bf16 comparison with PEFT is no oracle here)."""
     base = tiny.build_base_model("llama", dtype=torch.bfloat16)
     model = tiny.load_peft_model(base, {name: adapter_dirs["llama"][name] for name in "abc"})
     assert model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["a"].weight.dtype == torch.float32
     model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["b"].to(torch.bfloat16)
     model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["b"].to(torch.bfloat16)
-    batch = tiny.random_prompts(6, 7, seed=3)
-    names = ["a", "b", "__base__", "c", "a", "b"]
-    expected = model(**batch, adapter_names=names).logits
-    patch_model(model, backend="torch")
-    assert_close_relative(model(**batch, adapter_names=names).logits, expected, rtol=2e-2)
+    batch, names = oracle_batch(["a", "b", "__base__", "c", "a", "b"], "cpu", rows=48, length=64)
+    assert_no_worse_than_peft(model, batch, names, "torch")
 
 
 @torch.no_grad()
