@@ -54,6 +54,7 @@ import argparse
 import contextlib
 import copy
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -742,6 +743,10 @@ def main(argv: list[str] | None = None) -> Bench:
 
 
 def _git_commit() -> str | None:
+    """The checkout's commit, or ``$FASTLORA_COMMIT`` where set: a device machine's copy of the working tree may
+    carry a stale ``.git`` (every JSON of one session recorded the session's first commit)."""
+    if os.environ.get("FASTLORA_COMMIT"):
+        return os.environ["FASTLORA_COMMIT"]
     try:
         root = Path(__file__).resolve().parents[1]
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
