@@ -51,6 +51,11 @@ _WATCH_SETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # bank →
 
 
 def _count_registration(module: torch.nn.Module, name: str, value: object) -> None:
+    # Not while dynamo traces: a compiled forward registers modules too (transformers' `self.layers[:n]`), and a
+    # traced read of _WATCHED made dynamo guard on it, so the next walk (which replaces it) recompiled the graph.
+    # Nothing structural is registered inside a compiled forward.
+    if torch.compiler.is_compiling():
+        return
     if id(module) in _WATCHED:
         _REGISTRATIONS[0] += 1
     # (returns None: the registered object is kept as it is)
@@ -77,7 +82,9 @@ def watch_modules(owner: object, modules: list[torch.nn.Module]) -> None:
     global _WATCHED
     _install_registration_hooks()
     _WATCH_SETS[owner] = frozenset(map(id, modules))
-    _WATCHED = frozenset().union(*_WATCH_SETS.values())  # one assignment: the hook sees the old set or the new
+    watched = frozenset().union(*_WATCH_SETS.values())
+    if watched != _WATCHED:
+        _WATCHED = watched  # one assignment: the hook sees the old set or the new
 
 
 def registrations() -> int:
