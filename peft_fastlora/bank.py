@@ -46,8 +46,11 @@ BASE_SLOT = -1
 """The slot id of a ``"__base__"`` row: no LoRA."""
 
 _REGISTRATIONS = [0]
-_WATCHED: frozenset[int] = frozenset()  # ids of the modules of every patched model (see watch_modules)
-_WATCH_SETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # bank → the ids it watches
+# id → weak reference of every watched module of every patched model (see watch_modules). A bare id is not enough:
+# the id of a module since freed is soon another object's, such as the fresh ModuleList of a forward, which then
+# counted (a walk on every call).
+_WATCHED: dict[int, weakref.ref] = {}
+_WATCH_SETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # bank → what it watches
 
 
 def _count_registration(module: torch.nn.Module, name: str, value: object) -> None:
@@ -56,7 +59,8 @@ def _count_registration(module: torch.nn.Module, name: str, value: object) -> No
     # Nothing structural is registered inside a compiled forward.
     if torch.compiler.is_compiling():
         return
-    if id(module) in _WATCHED:
+    watched = _WATCHED.get(id(module))
+    if watched is not None and watched() is module:
         _REGISTRATIONS[0] += 1
     # (returns None: the registered object is kept as it is)
 
@@ -81,10 +85,11 @@ def watch_modules(owner: object, modules: list[torch.nn.Module]) -> None:
     registers modules into a fresh ``ModuleList`` on every forward (``self.layers[: n]``)."""
     global _WATCHED
     _install_registration_hooks()
-    _WATCH_SETS[owner] = frozenset(map(id, modules))
-    watched = frozenset().union(*_WATCH_SETS.values())
-    if watched != _WATCHED:
-        _WATCHED = watched  # one assignment: the hook sees the old set or the new
+    _WATCH_SETS[owner] = {id(module): weakref.ref(module) for module in modules}
+    watched: dict[int, weakref.ref] = {}
+    for references in _WATCH_SETS.values():
+        watched.update(references)
+    _WATCHED = watched  # one assignment: the hook sees the old map or the new
 
 
 def registrations() -> int:

@@ -119,3 +119,30 @@ def test_a_narrower_parameter_put_straight_into_parameters_repacks():
                 a_module._parameters["weight"] = torch.nn.Parameter(a_module.weight.data[:2])
                 b_module._parameters["weight"] = torch.nn.Parameter(b_module.weight.data[:, :2])
     assert_close_relative(model(**batch, adapter_names=NAMES).logits, oracle(**batch, adapter_names=NAMES).logits)
+
+
+def test_a_freed_modules_id_taken_by_another_object_is_not_counted():
+    """The watched modules are known by weak reference, not by id alone: once a watched module is freed, its id is
+    soon another object's (a forward's fresh ModuleList), and registrations on that object must not count."""
+
+    class Owner:  # what watch_modules keys its sets by (a bank, normally)
+        pass
+
+    owner = Owner()
+    watched = torch.nn.ModuleList()
+    freed_id = id(watched)
+    bank.watch_modules(owner, [watched])
+    del watched
+    reuser = None
+    for _ in range(10_000):
+        candidate = torch.nn.ModuleList()
+        if id(candidate) == freed_id:
+            reuser = candidate
+            break
+        del candidate
+    if reuser is None:
+        pytest.skip("the freed id was not reused")
+    before = bank.registrations()
+    reuser.append(torch.nn.Linear(2, 2))
+    assert bank.registrations() == before
+    bank.watch_modules(owner, [])
