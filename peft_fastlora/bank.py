@@ -88,7 +88,9 @@ def watch_modules(owner: object, modules: list[torch.nn.Module]) -> None:
     _WATCH_SETS[owner] = {id(module): weakref.ref(module) for module in modules}
     watched: dict[int, weakref.ref] = {}
     for references in _WATCH_SETS.values():
-        watched.update(references)
+        # Live ones only: a dead entry (a module freed since its bank's last walk) must not hide a live module of
+        # another model that took its id.
+        watched.update((key, reference) for key, reference in references.items() if reference() is not None)
     _WATCHED = watched  # one assignment: the hook sees the old map or the new
 
 

@@ -3,6 +3,8 @@ problem, and the model stays usable afterwards."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -90,6 +92,24 @@ def test_bf16_model_with_fp32_adapters(adapter_dirs):
     model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["b"].to(torch.bfloat16)
     batch, names = oracle_batch(["a", "b", "__base__", "c", "a", "b"], "cpu", rows=48, length=64)
     assert_no_worse_than_peft(model, batch, names, "torch")
+
+
+@torch.no_grad()
+def test_fp32_adapters_on_a_bf16_model_add_as_peft_adds_one_adapter(adapter_dirs):
+    """With fp32 adapters (PEFT's default) on a bf16 model, each row equals PEFT's single-adapter forward of its
+    adapter bit for bit (torch backend): the delta is added in fp32 and the sum rounded to bf16 once. (PEFT's own
+    mixed batch rounds the delta to bf16 first, which the packed path once copied.)"""
+    base = tiny.build_base_model("llama", dtype=torch.bfloat16)
+    model = tiny.load_peft_model(base, {name: adapter_dirs["llama"][name] for name in "abc"})
+    peft = copy.deepcopy(model)
+    batch = tiny.random_prompts(6, 7, seed=5)
+    names = ["a", "b", "c", "c", "b", "a"]
+    patch_model(model, backend="torch")
+    ours = model(**batch, adapter_names=names).logits
+    for name in "abc":
+        peft.set_adapter(name)
+        rows = [row for row, row_name in enumerate(names) if row_name == name]
+        assert torch.equal(ours[rows], peft(**batch).logits[rows]), name
 
 
 @torch.no_grad()

@@ -9,6 +9,8 @@ per call on the H200) and made torch.compile recompile on every call.
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from helpers import assert_close_relative
@@ -121,28 +123,38 @@ def test_a_narrower_parameter_put_straight_into_parameters_repacks():
     assert_close_relative(model(**batch, adapter_names=NAMES).logits, oracle(**batch, adapter_names=NAMES).logits)
 
 
-def test_a_freed_modules_id_taken_by_another_object_is_not_counted():
+def test_a_freed_modules_id_taken_by_another_object_is_not_counted(monkeypatch):
     """The watched modules are known by weak reference, not by id alone: once a watched module is freed, its id is
     soon another object's (a forward's fresh ModuleList), and registrations on that object must not count."""
+    freed = torch.nn.ModuleList()
+    dead = weakref.ref(freed)
+    del freed
+    assert dead() is None
+    other = torch.nn.ModuleList()
+    monkeypatch.setattr(bank, "_WATCHED", {id(other): dead})  # as if `other` had taken the freed module's id
+    before = bank.registrations()
+    other.append(torch.nn.Linear(2, 2))
+    assert bank.registrations() == before
 
-    class Owner:  # what watch_modules keys its sets by (a bank, normally)
+
+def test_a_dead_watch_entry_does_not_hide_a_live_one():
+    """Two patched models: a module freed in one (``delete_adapter`` registers nothing, so its bank keeps the entry)
+    whose id a module of the other took must not stop that module's registrations from counting."""
+
+    class Owner:  # what watch_modules keys its entries by (a bank, normally)
         pass
 
-    owner = Owner()
-    watched = torch.nn.ModuleList()
-    freed_id = id(watched)
-    bank.watch_modules(owner, [watched])
-    del watched
-    reuser = None
-    for _ in range(10_000):
-        candidate = torch.nn.ModuleList()
-        if id(candidate) == freed_id:
-            reuser = candidate
-            break
-        del candidate
-    if reuser is None:
-        pytest.skip("the freed id was not reused")
+    first, second = Owner(), Owner()
+    live = torch.nn.ModuleList()
+    bank.watch_modules(first, [live])
+    freed = torch.nn.ModuleList()
+    bank.watch_modules(second, [freed])  # merged after `first`'s entries
+    del freed
+    # The stale entry of `second`, moved under `live`'s id (what id reuse does).
+    bank._WATCH_SETS[second] = {id(live): next(iter(bank._WATCH_SETS[second].values()))}
+    bank.watch_modules(first, [live])  # any walk merges the entries again
     before = bank.registrations()
-    reuser.append(torch.nn.Linear(2, 2))
-    assert bank.registrations() == before
-    bank.watch_modules(owner, [])
+    live.append(torch.nn.Linear(2, 2))
+    assert bank.registrations() == before + 1
+    bank.watch_modules(first, [])
+    bank.watch_modules(second, [])

@@ -27,7 +27,8 @@ def _config(rank: int, **extra) -> LoraConfig:
 
 
 def patched_and_oracle(backend: str, seed: int = 0):
-    """``(patched model, unpatched oracle, batch)``; the patched model has served one mixed call."""
+    """``(patched model, unpatched oracle, batch)``; the patched model has served two mixed calls, so that the next
+    one takes the per-call check's fast path (the first two calls after a patch walk the model, see ``patch``)."""
     torch.manual_seed(seed)
     model = get_peft_model(tiny.build_base_model("llama", seed=seed), _config(4), adapter_name="a").eval()
     model.add_adapter("b", _config(8))
@@ -36,6 +37,9 @@ def patched_and_oracle(backend: str, seed: int = 0):
     batch = tiny.random_prompts(len(NAMES), 6, seed=seed + 1)
     with torch.no_grad():
         model(**batch, adapter_names=NAMES)
+        model(**batch, adapter_names=NAMES)
+    state = model.base_model._fastlora_state
+    assert state.bank.confirmed == state.bank.synced and state.bank._snapshot is not None
     return model, oracle, batch
 
 

@@ -158,5 +158,5 @@ def expand_kernel(
         # in the adapters' dtype) and then adds it to the base output in the promoted dtype, rounding the sum once:
         # bf16 adapters give a bf16 delta; fp32 adapters (PEFT's default on a bf16 model) keep it in fp32, where
         # rounding it to bf16 first (as this kernel once did) rounded twice and cost argmax agreement.
-        delta = delta.to(b_tile.dtype).to(tl.float32)
+        delta = delta.to(b_ptr.dtype.element_ty).to(tl.float32)  # (b_tile is the loop's: not defined here)
         tl.store(y_ptr + y_offsets, (y_tile.to(tl.float32) + delta).to(y_tile.dtype), mask=y_mask)
