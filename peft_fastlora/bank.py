@@ -647,10 +647,15 @@ class AdapterBank:
         only scalings (``set_scale``) and DoRA's rescale (derived from the weights) are reread."""
         for unit in self._units.values():
             self._update_scales(unit)
-            for layer in unit.layers:
-                dora = layer._fastlora_packed.dora
-                if dora is not None:
-                    refresh_dora_scales(layer, self.slots, dora, named)
+            self._refresh_dora(unit.layers, named)
+
+    def _refresh_dora(self, layers: list[LoraLayer], named: set[str] | None) -> None:
+        """Recompute the DoRA rescale of ``layers`` that hold DoRA adapters (of ``named`` only, where given): it is
+        derived from the weights, so on every call, as PEFT does on every forward."""
+        for layer in layers:
+            dora = layer._fastlora_packed.dora
+            if dora is not None:
+                refresh_dora_scales(layer, self.slots, dora, named)
 
     def _refresh(self, named: set[str] | None) -> None:
         self._assign_slots()
@@ -672,10 +677,7 @@ class AdapterBank:
                 left_to_peft |= self._pack(unit)
             else:
                 self._update_scales(unit)
-            for layer in layers:
-                dora = layer._fastlora_packed.dora
-                if dora is not None:
-                    refresh_dora_scales(layer, self.slots, dora, named)
+            self._refresh_dora(layers, named)
             kept[key] = unit
             if len(layers) > 1:
                 self.groups.append(layers[0]._fastlora_packed.group)
