@@ -53,6 +53,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import os
 import statistics
@@ -216,7 +217,7 @@ class AgreementSums:
         self.error_sq = self.reference_sq = 0.0
         self.matches = self.tokens = 0
 
-    def add(self, actual: torch.Tensor, expected: torch.Tensor) -> "AgreementSums":
+    def add(self, actual: torch.Tensor, expected: torch.Tensor) -> AgreementSums:
         actual, expected = actual.float(), expected.float()
         self.error_sq += (actual - expected).square().sum().item()
         self.reference_sq += expected.square().sum().item()
@@ -230,6 +231,17 @@ class AgreementSums:
             "argmax_agreement": self.matches / self.tokens,
             "gate_tokens": self.tokens,
         }
+
+
+def chunked_agreement(model, sequences: torch.Tensor, names: list[str], expected: list[torch.Tensor]) -> dict:
+    """`agreement` of ``model``'s teacher-forced logits over ``sequences`` against ``expected``, the oracle's logits
+    of consecutive chunks of rows, one forward per chunk."""
+    sums, start = AgreementSums(), 0
+    for reference in expected:
+        rows = slice(start, start + reference.shape[0])
+        sums.add(model(input_ids=sequences[rows], adapter_names=names[rows]).logits, reference)
+        start = rows.stop
+    return sums.result()
 
 
 def passes(ours: dict, peft: dict) -> bool:
@@ -363,13 +375,7 @@ class Bench:
                 names = self.names(batch_size, distinct)[:rows]
                 chunks = [slice(start, start + GATE_CHUNK) for start in range(0, rows, GATE_CHUNK)]
                 expected = [oracle(input_ids=sequences[c], adapter_names=names[c]).logits.float() for c in chunks]
-
-                def check(model) -> dict:
-                    sums = AgreementSums()
-                    for c, reference in zip(chunks, expected):
-                        sums.add(model(input_ids=sequences[c], adapter_names=names[c]).logits, reference)
-                    return sums.result()
-
+                check = functools.partial(chunked_agreement, sequences=sequences, names=names, expected=expected)
                 for dtype in self.adapter_dtypes:
                     peft = check(models.peft[dtype])
                     self.gate[(batch_size, distinct, dtype, "peft_mixed")] = peft
