@@ -41,6 +41,7 @@ from peft.tuners.lora import LoraLayer
 
 from .dora import DoraScales, dora_adapters, dora_scales, refresh_dora_scales
 from .peft_messages import BASE_ADAPTER_NAME
+from .storage_keys import register as _register_storage
 
 BASE_SLOT = -1
 """The slot id of a ``"__base__"`` row: no LoRA."""
@@ -123,8 +124,13 @@ class SiblingGroup:
         self.meta = torch.tensor([offsets, ranks], dtype=torch.int32, device=a.device)
         self.offsets_dev, self.ranks_dev = self.meta[0], self.meta[1]
         self.max_rank = max(ranks, default=0)
+        self.key = _register_storage(self)  # what compiled graphs name it by (see peft_fastlora.storage_keys)
         # (input, shrink output), one attribute written and read whole: calls from several threads may run at once.
         self._memo: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def shrink_operands(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(a, offsets, ranks)`` for ``launch_shrink`` against the whole group."""
+        return self.a, self.offsets_dev, self.ranks_dev
 
     def remember(self, x: torch.Tensor, h: torch.Tensor) -> None:
         """Keep the shrink output ``h`` of input ``x`` (holding ``x`` keeps its identity unambiguous)."""
@@ -172,6 +178,10 @@ class PackedLora:
         applied to ``B A x``.
     max_rank : int
         The largest of ``ranks``.
+    num_slots : int
+        The bank's slot count (the length of the per-slot lists).
+    key : int
+        What compiled graphs name this storage by (see ``peft_fastlora.storage_keys``); new with every repack.
     dora : DoraScales or None
         The per-slot DoRA rescale where this layer holds DoRA adapters (see ``peft_fastlora.dora``).
     group : SiblingGroup or None
@@ -196,12 +206,20 @@ class PackedLora:
     last: bool = False
     launches: dict = field(default_factory=dict, repr=False)
     max_rank: int = field(init=False)
+    num_slots: int = field(init=False)
+    key: int = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        # A plain int: a compiled graph reading max(self.ranks) guarded on every element of the list.
+        # Plain ints: a compiled graph reading max(self.ranks) guarded on every element of the list.
         self.max_rank = max(self.ranks, default=0)
+        self.num_slots = len(self.ranks)
+        self.key = _register_storage(self)
         self.a_offsets_dev, self.b_offsets_dev, self.ranks_dev = self.meta[0], self.meta[1], self.meta[2]
         self.scales = self.meta[4].view(torch.float32)
+
+    def shrink_operands(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(a, offsets, ranks)`` for ``launch_shrink`` against this layer's own lora_A rows."""
+        return self.a, self.a_offsets_dev, self.ranks_dev
 
     @property
     def h_cols(self) -> torch.Tensor | None:

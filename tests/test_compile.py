@@ -186,3 +186,56 @@ def test_compiled_generate_with_peft_path_adapter(tmp_path):
     kwargs = compiled_kwargs(4, backend="aot_eager", mode=None)
     for names, tokens in zip(assignments, expected, strict=True):
         assert torch.equal(model.generate(**batch, adapter_names=names, **kwargs), tokens), names
+
+
+def _replace_adapter_weights(models: list, name: str, seed: int) -> None:
+    """Give adapter ``name`` new lora_B weights in every LoRA layer of each model, by ``.data =`` (new storage, same
+    shapes: the packed storage is rebuilt under a new key, with nothing for a shape guard to see)."""
+    generator = torch.Generator().manual_seed(seed)
+    layers = [
+        [module for module in model.modules() if hasattr(module, "lora_B") and name in module.lora_B]
+        for model in models
+    ]
+    for group in zip(*layers, strict=True):
+        weight = group[0].lora_B[name].weight
+        new = torch.randn(weight.shape, generator=generator).mul_(0.5).to(weight.dtype)
+        for module in group:
+            module.lora_B[name].weight.data = new.to(module.lora_B[name].weight.device).clone()
+
+
+def _follows_a_repack(device: str, tmp_path, kwargs: dict) -> None:
+    """Compiled generate, then new weights for one adapter (a repack), then compiled generate again: both equal
+    an unpatched twin's eager tokens (fp32), so the compiled graph never launches on the replaced storage."""
+    model, names, batch = gpu_test_model(torch.float32, tmp_path, device=device)
+    names, batch = names[:4], {key: value[:4] for key, value in batch.items()}
+    twin = copy.deepcopy(model)
+    eager = {key: value for key, value in kwargs.items() if key != "compile_config"} | {"disable_compile": True}
+    before = twin.generate(**batch, adapter_names=names, **eager)
+    patch_model(model, backend="triton")
+    torch._dynamo.reset()
+    assert torch.equal(model.generate(**batch, adapter_names=names, **kwargs), before)
+    _replace_adapter_weights([model, twin], names[0], seed=int(torch.randint(0, 1000, ())))
+    after = twin.generate(**batch, adapter_names=names, **eager)
+    assert not torch.equal(after, before), "the new weights change nothing: the test would prove nothing"
+    actual = model.generate(**batch, adapter_names=names, **kwargs)
+    mismatches = (actual != after).nonzero().tolist()
+    assert not mismatches, f"stale storage after a repack; first mismatching (row, position): {mismatches[:4]}"
+
+
+@interpreted
+@torch.no_grad()
+def test_compiled_generate_follows_a_repack(tmp_path):
+    """The compiled graph names each layer's storage by key (``storage_keys``): a repack must recompile it."""
+    _follows_a_repack("cpu", tmp_path, compiled_kwargs(3, backend="aot_eager", mode=None))
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_compiled_generate_follows_a_repack_on_gpu(tmp_path):
+    """As above with inductor and CUDA graphs (transformers' default compile config): a captured graph replays
+    launches with fixed addresses, so a repack must never replay it."""
+    static = {
+        "max_new_tokens": 8, "min_new_tokens": 8, "do_sample": False, "pad_token_id": 0,
+        "cache_implementation": "static",
+    }  # fmt: skip
+    _follows_a_repack("cuda", tmp_path, static)

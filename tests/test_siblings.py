@@ -6,19 +6,19 @@ import torch
 from helpers import assert_close_relative, interpreted, load
 from peft import LoraConfig, get_peft_model
 
-from peft_fastlora import patch_model, tiny
+from peft_fastlora import patch_model, storage_keys, tiny
 from peft_fastlora.backends import triton as triton_backend
 
 
 def count_shrinks(monkeypatch):
     calls = []
-    original = triton_backend.lora_shrink
+    original = triton_backend.keyed_shrink
 
     def counting(*args):
-        calls.append(args[1].shape[0])  # rows of the packed A it shrinks against
+        calls.append(storage_keys.lookup(args[7]).a.shape[0])  # rows of the packed A it shrinks against
         return original(*args)
 
-    monkeypatch.setattr(triton_backend, "lora_shrink", counting)
+    monkeypatch.setattr(triton_backend, "keyed_shrink", counting)
     return calls
 
 

@@ -16,7 +16,7 @@ import triton
 
 from ..bank import PackedLora
 from ..kernels import launch
-from ..kernels.launch import lora_expand_, lora_shrink
+from ..kernels.launch import keyed_expand_, keyed_shrink
 from ..plan import PlanView
 from .torch_ref import TorchBackend
 
@@ -51,23 +51,17 @@ class TritonBackend(TorchBackend):
         y_tokens = result.view(-1, result.shape[-1])  # base outputs are fresh contiguous tensors
         tokens_per_row = x_tokens.shape[0] // view.num_rows
         plan = (*view.segments, tokens_per_row)
-        # The per-slot arrays as rows of the one metadata tensor, sliced here rather than read as the attributes
-        # that hold the same views: under torch.compile every tensor read from an attribute is one more guard per
-        # layer and decode step.
-        meta = packed.meta
-        h, h_cols = None, None
+        # The storage is named by key, not passed (see peft_fastlora.storage_keys): under torch.compile every
+        # tensor read from an attribute is a graph input guarded on every call, 20 per decoder layer.
+        h = None
         if group is not None:
             if packed.leader:
-                group_meta = group.meta
-                group.remember(
-                    x, lora_shrink(x_tokens, group.a, group_meta[0], group_meta[1], *plan, group.max_rank)
-                )  # fmt: skip
+                group.remember(x, keyed_shrink(x_tokens, *plan, group.key, packed.num_slots, group.max_rank))
             h = group.take(x, packed.last)
-            h_cols = meta[3] if h is not None else None
+        shared = h is not None
         if h is None:
-            h = lora_shrink(x_tokens, packed.a, meta[0], meta[2], *plan, packed.max_rank)
-        scales = meta[4].view(torch.float32)
-        lora_expand_(y_tokens, h, h_cols, packed.b, scales, meta[1], meta[2], *plan, packed.max_rank)
+            h = keyed_shrink(x_tokens, *plan, packed.key, packed.num_slots, packed.max_rank)
+        keyed_expand_(y_tokens, h, *plan, packed.key, shared, packed.max_rank)
 
     def _direct_allowed(self, x: torch.Tensor, result: torch.Tensor) -> bool:
         """Whether this call may launch through prepared ``DirectCall``s: an eager call (not traced by

@@ -1,6 +1,9 @@
 """Launchers for the segmented LoRA kernels, registered as torch custom ops so torch.compile traces them.
 
-``lora_shrink`` returns the fp32 partial products ``h``; ``lora_expand_`` adds ``h @ B`` into ``y`` in place. Their
+``launch_shrink`` returns the fp32 partial products ``h``; ``launch_expand`` adds ``h @ B`` into ``y`` in place
+(custom ops ``peft_fastlora::lora_shrink`` / ``lora_expand_``). The backend calls them through ``keyed_shrink`` /
+``keyed_expand_`` (ops ``keyed_shrink`` / ``keyed_expand_``), which take the layer's storage as an int key rather
+than as tensors, so that a compiled graph has no per-layer tensor inputs to guard (see ``storage_keys``). Their
 fake implementations only describe shapes. Grids are sized from the number of tokens and of adapter slots only,
 never from the assignment of rows to adapters (the kernels read the live segment count on the device): a launch
 never syncs with the device, and a captured CUDA graph stays valid for any assignment of the same batch size.
@@ -19,6 +22,7 @@ import os
 import torch
 import triton
 
+from .. import storage_keys
 from .sgmv import expand_kernel, shrink_kernel
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -414,16 +418,76 @@ def _expand_fake(y, h, h_cols, b, scales, offsets, ranks, *plan_and_sizes) -> No
     return None
 
 
-def lora_shrink(*args) -> torch.Tensor:
-    """``launch_shrink`` in eager mode, the registered custom op while torch.compile traces."""
-    if torch.compiler.is_compiling():
-        return torch.ops.peft_fastlora.lora_shrink(*args)
-    return launch_shrink(*args)
+def launch_keyed_shrink(
+    x: torch.Tensor,
+    sorted_rows: torch.Tensor,
+    seg_slots: torch.Tensor,
+    seg_starts: torch.Tensor,
+    seg_lens: torch.Tensor,
+    num_segments: torch.Tensor,
+    tokens_per_row: int,
+    key: int,
+    num_slots: int,
+    max_rank: int,
+) -> torch.Tensor:
+    """``launch_shrink`` against the lora_A storage registered under ``key`` (a layer's ``PackedLora``, or its
+    sibling group's ``SiblingGroup``; see ``peft_fastlora.storage_keys``), whose ``num_slots`` and ``max_rank``
+    the caller passes (the fake implementation sizes ``h`` from them)."""
+    a, offsets, ranks = storage_keys.lookup(key).shrink_operands()
+    plan = (sorted_rows, seg_slots, seg_starts, seg_lens, num_segments)
+    return launch_shrink(x, a, offsets, ranks, *plan, tokens_per_row, max_rank)
 
 
-def lora_expand_(*args) -> None:
-    """``launch_expand`` in eager mode, the registered custom op while torch.compile traces."""
+def launch_keyed_expand(
+    y: torch.Tensor,
+    h: torch.Tensor,
+    sorted_rows: torch.Tensor,
+    seg_slots: torch.Tensor,
+    seg_starts: torch.Tensor,
+    seg_lens: torch.Tensor,
+    num_segments: torch.Tensor,
+    tokens_per_row: int,
+    key: int,
+    shared: bool,
+    max_rank: int,
+) -> None:
+    """``launch_expand`` with the lora_B storage, scales and metadata of the ``PackedLora`` registered under
+    ``key``; ``shared``: ``h`` is its sibling group's shrink output (read at the layer's ``h_cols``)."""
+    packed = storage_keys.lookup(key)
+    meta = packed.meta
+    plan = (sorted_rows, seg_slots, seg_starts, seg_lens, num_segments)
+    h_cols, scales = (meta[3] if shared else None), meta[4].view(torch.float32)
+    launch_expand(y, h, h_cols, packed.b, scales, meta[1], meta[2], *plan, tokens_per_row, max_rank)
+
+
+# What the compiled path calls: the storage reaches the graph as a key, not as tensors (see storage_keys).
+keyed_shrink_op = torch.library.custom_op("peft_fastlora::keyed_shrink", mutates_args=())(launch_keyed_shrink)
+keyed_expand_op = torch.library.custom_op("peft_fastlora::keyed_expand_", mutates_args=("y",))(launch_keyed_expand)
+
+
+@keyed_shrink_op.register_fake
+def _keyed_shrink_fake(x, sorted_rows, seg_slots, seg_starts, seg_lens, num_segments, tokens_per_row, key, num_slots,
+                       max_rank):  # fmt: skip
+    num_tokens, k, per_row = int(x.shape[0]), int(x.shape[1]), int(tokens_per_row)  # see _shrink_fake
+    splits = _tiles(num_tokens, num_slots, num_tokens // per_row, k, max_rank, x.device)[4]
+    return x.new_empty(splits, num_tokens, h_width(max_rank), dtype=torch.float32)
+
+
+@keyed_expand_op.register_fake
+def _keyed_expand_fake(y, h, *plan_and_sizes) -> None:
+    return None
+
+
+def keyed_shrink(*args) -> torch.Tensor:
+    """``launch_keyed_shrink`` in eager mode, the registered custom op while torch.compile traces."""
     if torch.compiler.is_compiling():
-        torch.ops.peft_fastlora.lora_expand_(*args)
+        return torch.ops.peft_fastlora.keyed_shrink(*args)
+    return launch_keyed_shrink(*args)
+
+
+def keyed_expand_(*args) -> None:
+    """``launch_keyed_expand`` in eager mode, the registered custom op while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        torch.ops.peft_fastlora.keyed_expand_(*args)
     else:
-        launch_expand(*args)
+        launch_keyed_expand(*args)
