@@ -1,0 +1,112 @@
+"""Host time around a compiled decode step's graph, per decoder layer: base model, PEFT one adapter, ours.
+
+A torch.compile'd forward pays, on every call, for what surrounds its graph: dynamo's guard check, gathering every
+graph input from its Python source, replaying side effects. This measures exactly that, on the CPU and without a
+GPU: the compile backend replays the graph's first output instead of running the graph, so a call costs only what
+surrounds it. Each model is a tiny Llama (width 64) at two depths; the difference divided by the extra layers is
+the cost per decoder layer (4 rank-4 adapters on all 7 projections; ours with a mixed assignment, Triton under the
+interpreter, which never runs here).
+
+What it does not see: the CUDA-graph and AOT wrappers' per-input work on a GPU, which the H200 runs showed to be
+larger than the guards (``benchmarks/results/h200/NOTES.md``, session 26). Measured on a 2-core CPU at commit
+6a7fde9: base 6.3 µs, PEFT one adapter 29.1 µs, ours 16.0 µs per decoder layer (21.0 before the storage keys).
+
+    python benchmarks/compile_overhead.py [--rows base,peft,ours] [--calls 400]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the patch must load on a CPU
+
+import argparse
+import contextlib
+import statistics
+import time
+
+import torch
+import torch._dynamo
+from bench_generate import TARGETS
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, StaticCache
+
+from peft_fastlora import patch_model, tiny
+
+ASSIGNMENT = ["a0", "a1", "__base__", "a3"]
+
+
+def build(row: str, layers: int):
+    """``row``'s model ("base", "peft" or "ours") with ``layers`` decoder layers, in eval mode."""
+    config = tiny.tiny_config("llama")
+    config.num_hidden_layers = layers
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config).eval()
+    if row == "base":
+        return base
+    lora = {"r": 4, "target_modules": TARGETS, "init_lora_weights": False}
+    model = get_peft_model(base, LoraConfig(**lora), adapter_name="a0")
+    for index in range(1, 4):
+        model.add_adapter(f"a{index}", LoraConfig(**lora))
+    model.eval()
+    if row == "ours":
+        patch_model(model, backend="triton")
+    return model
+
+
+def replaying_backend(graph_module, example_inputs):
+    """A compile backend whose graph runs once; later calls return that first output."""
+    first = []
+
+    def run(*args):
+        if not first:
+            first.append(graph_module.forward(*args))
+        return first[0]
+
+    return run
+
+
+def median_call_us(row: str, layers: int, calls: int) -> float:
+    """Median µs of one compiled decode-step call (1 token per row, static cache) of ``row`` at ``layers``."""
+    torch._dynamo.reset()
+    model = build(row, layers)
+    inner = model if row == "base" else model.get_base_model()
+    step = {
+        "input_ids": tiny.random_prompts(len(ASSIGNMENT), 5, seed=1)["input_ids"][:, :1],
+        "past_key_values": StaticCache(config=inner.config, max_cache_len=64),
+        "use_cache": True,
+        "position_ids": torch.full((len(ASSIGNMENT), 1), 5),
+        "cache_position": torch.tensor([5]),
+    }
+    forward = torch.compile(inner.forward, backend=replaying_backend, dynamic=False)
+    best = float("inf")
+    for _ in range(3):  # the fastest of three medians: the CPU's own noise only ever adds
+        context = (
+            model._enable_peft_forward_hooks(adapter_names=ASSIGNMENT) if row == "ours" else contextlib.nullcontext()
+        )
+        with torch.no_grad(), context:
+            forward(**step)
+            times = []
+            for _ in range(calls):
+                started = time.perf_counter()
+                forward(**step)
+                times.append(time.perf_counter() - started)
+        best = min(best, statistics.median(times) * 1e6)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default="base,peft,ours", help="comma list of base, peft, ours")
+    parser.add_argument("--calls", type=int, default=400, help="timed calls per median")
+    parser.add_argument("--layers", type=int, nargs=2, default=[2, 10], help="the two depths compared")
+    args = parser.parse_args()
+    shallow, deep = args.layers
+    for row in args.rows.split(","):
+        low, high = (median_call_us(row, layers, args.calls) for layers in (shallow, deep))
+        per_layer = (high - low) / (deep - shallow)
+        print(f"{row:>5}: {shallow} layers {low:.0f} µs, {deep} layers {high:.0f} µs; per layer {per_layer:.1f} µs")
+
+
+if __name__ == "__main__":
+    main()
