@@ -120,7 +120,8 @@ class SiblingGroup:
     def __init__(self, a: torch.Tensor, offsets: list[int], ranks: list[int], size: int):
         self.a = a
         self.size = size  # how many layers share it
-        # One int32 tensor for both (compiled graphs guard on every tensor they read: one guard, not two per group).
+        # One int32 tensor for both: one allocation, and one address the kernels read (compiled graphs reach it
+        # through ``key`` only).
         self.meta = torch.tensor([offsets, ranks], dtype=torch.int32, device=a.device)
         self.offsets_dev, self.ranks_dev = self.meta[0], self.meta[1]
         self.max_rank = max(ranks, default=0)
@@ -171,8 +172,8 @@ class PackedLora:
     meta : torch.Tensor
         int32 ``[5, num_slots]`` on the storage's device, for kernels: the rows ``a_offsets_dev``, ``b_offsets_dev``,
         ``ranks_dev`` (the lists above), ``h_cols`` (see ``group``; zeros without one) and ``scales`` (fp32 bits).
-        One tensor: a compiled graph guards on every tensor it reads, ~0.3 µs each per decode step, and 224 layers
-        of 5 tensors each made that a millisecond.
+        One tensor, so that a layer's launches read one small allocation (compiled graphs do not read it at all:
+        they name the storage by ``key``).
     scales : torch.Tensor
         fp32 ``[num_slots]`` (a view of ``meta``): PEFT's ``scaling`` of each slot's adapter (0 where absent),
         applied to ``B A x``.

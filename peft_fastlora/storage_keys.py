@@ -6,20 +6,28 @@ cost ~80 µs of host time per decoder layer per decode step (2.5 ms of a 32-laye
 same per layer on CPU). The compiled path therefore passes the kernels' custom ops a key, a plain int, and the op
 finds the storage here when it runs. A repack makes new storage under a new key, and the key is read from the layer
 when traced, so dynamo's guard on it recompiles the graph rather than replaying launches of freed storage.
+
+The cost of that safety: a repack that keeps every shape (``delete_adapter`` then ``add_adapter`` of the same rank,
+``weight.data = new_tensor``) now recompiles the decode step, where before it did not; repacks that change a shape
+(an added adapter) recompiled before too. After ``torch._dynamo.config.recompile_limit`` recompilations dynamo runs
+the step eagerly, correct but slower. A key is valid in this process only (``torch.export`` would freeze it).
 """
 
 from __future__ import annotations
 
 import itertools
+import threading
 import weakref
 
 _storages: dict[int, weakref.ref] = {}
 _keys = itertools.count(1)
+_lock = threading.Lock()  # itertools.count is atomic under the GIL only, not on a free-threaded build
 
 
 def register(storage: object) -> int:
     """A new key for ``storage`` (a ``PackedLora`` or ``SiblingGroup``), valid for as long as it lives."""
-    key = next(_keys)
+    with _lock:
+        key = next(_keys)
     _storages[key] = weakref.ref(storage, lambda _, key=key: _storages.pop(key, None))
     return key
 

@@ -469,6 +469,7 @@ keyed_expand_op = torch.library.custom_op("peft_fastlora::keyed_expand_", mutate
 def _keyed_shrink_fake(x, sorted_rows, seg_slots, seg_starts, seg_lens, num_segments, tokens_per_row, key, num_slots,
                        max_rank):  # fmt: skip
     num_tokens, k, per_row = int(x.shape[0]), int(x.shape[1]), int(tokens_per_row)  # see _shrink_fake
+    num_slots, max_rank = int(num_slots), int(max_rank)  # SymInts where ints on modules are unspecialised
     splits = _tiles(num_tokens, num_slots, num_tokens // per_row, k, max_rank, x.device)[4]
     return x.new_empty(splits, num_tokens, h_width(max_rank), dtype=torch.float32)
 
