@@ -37,6 +37,10 @@ is written after each, so that a time limit hit while PEFT compiles keeps the he
 how many dynamo compilations a *new* assignment of adapters caused after timing (it must be 0), and every row of a
 group how many happened during its timed repeats.
 
+Noise: each row also records its ratio to base within every interleaved repeat (``ratio_to_base_per_repeat``,
+printed as its range) and, for rows timed in both compiled phases, the ratio of medians over both phases' repeats
+(``ratio_to_base_pooled``). A difference between two rows smaller than that spread is not a measurement.
+
 ``--profile base,peft_single,ours`` profiles those rows after timing (``profile_decode.py`` explains the numbers):
 per decode step GPU time, host time, LoRA kernel time, launches and per kernel, the prefill apart, and the time of
 the per-call context (``context_enter_ms``: the patched ``_enable_peft_forward_hooks``, i.e. validation, bank
@@ -581,6 +585,8 @@ class Bench:
             reference_tok_s = None if reference is None else _tok_s(reference, batch_size, args.new_tokens)
             if reference_tok_s:
                 result[f"ratio_to_{anchor}"] = tok_s / reference_tok_s
+        if base is not None and base is not row and base.seconds:
+            result.update(_ratio_spread(row, base))
         if row.context_enter_s:
             result["context_enter_ms"] = statistics.median(row.context_enter_s) * 1e3
             result["context_exit_ms"] = statistics.median(row.context_exit_s) * 1e3 if row.context_exit_s else None
@@ -603,6 +609,7 @@ class Bench:
                 f"{result['distinct_adapters']:>8} {result['row']:>18} {_fmt(result['tok_s'], '.1f'):>9} "
                 f"{_fmt(result['ratio_to_base'], '.3f'):>7} {_fmt(result.get('ratio_to_peft_single'), '.3f'):>7} "
                 f"{_fmt(error, '.4f'):>8} {_fmt(forced, '.3f'):>7} {_fmt(gate, ''):>5} {result.get('error', '')}"
+                + _spread(result)
                 + _compilations(result),
                 flush=True,
             )
@@ -666,8 +673,30 @@ def _compilations(result: dict) -> str:
     return ("  " + "; ".join(notes)) if notes else ""
 
 
+def _spread(result: dict) -> str:
+    """`` per repeat 0.71–0.80`` (and `` pooled 0.75``): the ratio's spread, for the printed table."""
+    per_repeat = result.get("ratio_to_base_per_repeat")
+    if not per_repeat or result["row"] == "base":
+        return ""
+    text = f"  per repeat {min(per_repeat):.3f}–{max(per_repeat):.3f}"
+    pooled = result.get("ratio_to_base_pooled")
+    return text + (f", pooled {pooled:.3f}" if pooled is not None else "")
+
+
 def _fmt(value, spec: str) -> str:
     return "" if value is None else format(value, spec)
+
+
+def _ratio_spread(row: Row, base: Row) -> dict:
+    """How far one row's ratio to base moves from repeat to repeat: the ratio within each interleaved repeat (the
+    row's i-th time against base's i-th, timed moments apart), and, where both were also timed in a first phase
+    (compiled mode), the ratio of the medians over both phases' repeats. Repeats of one row varied by up to 15% in
+    one run on the H200, and one row's two phases by 0.06 in ratio: a difference smaller than this spread is noise."""
+    spread = {"ratio_to_base_per_repeat": [b / r for b, r in zip(base.seconds, row.seconds, strict=False)]}
+    if row.seconds_phase1 and base.seconds_phase1:
+        pooled_row, pooled_base = row.seconds_phase1 + row.seconds, base.seconds_phase1 + base.seconds
+        spread["ratio_to_base_pooled"] = statistics.median(pooled_base) / statistics.median(pooled_row)
+    return spread
 
 
 def _tok_s(row: Row, batch_size: int, new_tokens: int) -> float | None:
