@@ -126,12 +126,12 @@ def test_fake_ops_trace_without_running():
 
     with FakeTensorMode():
         y, x = torch.empty(6, 8), torch.empty(6, 4)
-        a, b, scales = torch.empty(3, 4), torch.empty(3 * 8), torch.empty(2)
-        offsets, ranks, rows, slots, starts, lens, count = [torch.empty(2, dtype=torch.int32) for _ in range(7)]
-        h = torch.ops.peft_fastlora.lora_shrink(x, a, offsets, ranks, rows, slots, starts, lens, count, 1, 3)
+        rows, slots, starts, lens, count = [torch.empty(2, dtype=torch.int32) for _ in range(5)]
+        plan = (rows, slots, starts, lens, count, 1)
+        key = 0  # registered to no storage: a fake implementation never looks it up
+        h = torch.ops.peft_fastlora.keyed_shrink(x, *plan, key, 2, 3)
         assert h.shape[1:] == (6, 16) and h.dtype == torch.float32
-        plan = (rows, slots, starts, lens, count, 1, 3)
-        torch.ops.peft_fastlora.lora_expand_(y, h, None, b, scales, offsets, ranks, *plan)
+        torch.ops.peft_fastlora.keyed_expand_(y, h, *plan, key, False, 3)
 
 
 @pytest.mark.gpu

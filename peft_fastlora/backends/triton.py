@@ -89,7 +89,7 @@ class TritonBackend(TorchBackend):
         h = None
         if group is not None:
             if packed.leader:
-                shrink = ("group shrink", key, group.a, group.offsets_dev, group.ranks_dev, group.max_rank)
+                shrink = ("group shrink", key, *group.shrink_operands(), group.max_rank)
                 h = self._shrink(prepared, shrink, x, num_tokens, view)
                 if h is None:
                     return False
@@ -97,7 +97,7 @@ class TritonBackend(TorchBackend):
             h = group.take(x, packed.last)
         shared = h is not None
         if h is None:
-            shrink = ("shrink", key, packed.a, packed.a_offsets_dev, packed.ranks_dev, packed.max_rank)
+            shrink = ("shrink", key, *packed.shrink_operands(), packed.max_rank)
             h = self._shrink(prepared, shrink, x, num_tokens, view)
             if h is None:
                 return False

@@ -1,10 +1,10 @@
 """Launchers for the segmented LoRA kernels, registered as torch custom ops so torch.compile traces them.
 
-``launch_shrink`` returns the fp32 partial products ``h``; ``launch_expand`` adds ``h @ B`` into ``y`` in place
-(custom ops ``peft_fastlora::lora_shrink`` / ``lora_expand_``). The backend calls them through ``keyed_shrink`` /
-``keyed_expand_`` (ops ``keyed_shrink`` / ``keyed_expand_``), which take the layer's storage as an int key rather
-than as tensors, so that a compiled graph has no per-layer tensor inputs to guard (see ``storage_keys``). Their
-fake implementations only describe shapes. Grids are sized from the number of tokens and of adapter slots only,
+``launch_shrink`` returns the fp32 partial products ``h``; ``launch_expand`` adds ``h @ B`` into ``y`` in place. The
+backend calls them through ``keyed_shrink`` / ``keyed_expand_`` (custom ops ``peft_fastlora::keyed_shrink`` /
+``keyed_expand_`` while torch.compile traces), which take the layer's storage as an int key rather than as tensors,
+so that a compiled graph has no per-layer tensor inputs to guard (see ``storage_keys``). Their fake
+implementations only describe shapes. Grids are sized from the number of tokens and of adapter slots only,
 never from the assignment of rows to adapters (the kernels read the live segment count on the device): a launch
 never syncs with the device, and a captured CUDA graph stays valid for any assignment of the same batch size.
 
@@ -397,26 +397,6 @@ def expand_launch(
 _shrink = CompiledLauncher(shrink_kernel, second=2)  # per call: x and h
 _expand = CompiledLauncher(expand_kernel, second=4)  # per call: h and y
 
-# The custom ops are what torch.compile sees; eager calls skip their dispatch cost (tens of µs per call measured on
-# an H100, in every LoRA layer of every decode step) and launch directly.
-shrink_op = torch.library.custom_op("peft_fastlora::lora_shrink", mutates_args=())(launch_shrink)
-expand_op = torch.library.custom_op("peft_fastlora::lora_expand_", mutates_args=("y",))(launch_expand)
-
-
-@shrink_op.register_fake
-def _shrink_fake(x, a, offsets, ranks, sorted_rows, seg_slots, seg_starts, seg_lens, num_segments, tokens_per_row,
-                 max_rank):  # fmt: skip
-    # Sizes are SymInts in a dynamic-shape graph (dynamo makes one after a recompile, e.g. of the frames accelerate's
-    # hooks break a model into); _tiles' cache cannot hash them and the grid needs them: specialise (int() guards).
-    num_tokens, k, slots, per_row = int(x.shape[0]), int(x.shape[1]), int(offsets.shape[0]), int(tokens_per_row)
-    splits = _tiles(num_tokens, slots, num_tokens // per_row, k, max_rank, x.device)[4]
-    return x.new_empty(splits, num_tokens, h_width(max_rank), dtype=torch.float32)
-
-
-@expand_op.register_fake
-def _expand_fake(y, h, h_cols, b, scales, offsets, ranks, *plan_and_sizes) -> None:
-    return None
-
 
 def launch_keyed_shrink(
     x: torch.Tensor,
@@ -454,13 +434,14 @@ def launch_keyed_expand(
     """``launch_expand`` with the lora_B storage, scales and metadata of the ``PackedLora`` registered under
     ``key``; ``shared``: ``h`` is its sibling group's shrink output (read at the layer's ``h_cols``)."""
     packed = storage_keys.lookup(key)
-    meta = packed.meta
     plan = (sorted_rows, seg_slots, seg_starts, seg_lens, num_segments)
-    h_cols, scales = (meta[3] if shared else None), meta[4].view(torch.float32)
-    launch_expand(y, h, h_cols, packed.b, scales, meta[1], meta[2], *plan, tokens_per_row, max_rank)
+    h_cols = packed.h_cols if shared else None
+    launch_expand(y, h, h_cols, packed.b, packed.scales, packed.b_offsets_dev, packed.ranks_dev, *plan, tokens_per_row,
+                  max_rank)  # fmt: skip
 
 
-# What the compiled path calls: the storage reaches the graph as a key, not as tensors (see storage_keys).
+# The custom ops are what torch.compile sees, with the storage as a key, not as tensors (see storage_keys); eager
+# calls skip their dispatch cost (tens of µs per call measured on an H100, in every LoRA layer of every decode step).
 keyed_shrink_op = torch.library.custom_op("peft_fastlora::keyed_shrink", mutates_args=())(launch_keyed_shrink)
 keyed_expand_op = torch.library.custom_op("peft_fastlora::keyed_expand_", mutates_args=("y",))(launch_keyed_expand)
 
@@ -468,8 +449,11 @@ keyed_expand_op = torch.library.custom_op("peft_fastlora::keyed_expand_", mutate
 @keyed_shrink_op.register_fake
 def _keyed_shrink_fake(x, sorted_rows, seg_slots, seg_starts, seg_lens, num_segments, tokens_per_row, key, num_slots,
                        max_rank):  # fmt: skip
-    num_tokens, k, per_row = int(x.shape[0]), int(x.shape[1]), int(tokens_per_row)  # see _shrink_fake
-    num_slots, max_rank = int(num_slots), int(max_rank)  # SymInts where ints on modules are unspecialised
+    # Sizes are SymInts in a dynamic-shape graph (dynamo makes one after a recompile, e.g. of the frames accelerate's
+    # hooks break a model into; and ints on modules where they are unspecialised): _tiles' cache cannot hash them
+    # and the grid needs them, so specialise (int() guards).
+    num_tokens, k, per_row = int(x.shape[0]), int(x.shape[1]), int(tokens_per_row)
+    num_slots, max_rank = int(num_slots), int(max_rank)
     splits = _tiles(num_tokens, num_slots, num_tokens // per_row, k, max_rank, x.device)[4]
     return x.new_empty(splits, num_tokens, h_width(max_rank), dtype=torch.float32)
 
