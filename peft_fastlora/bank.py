@@ -20,11 +20,15 @@ out of the stored values (``scales``, applied by the kernels), so the views hold
 
 What the views cannot see are structural changes: a parameter that no longer points into the storage
 (``add_adapter``/``load_adapter``/``delete_adapter`` make new parameters; ``param.data = tensor``, ``model.to``
-and ``load_state_dict(assign=True)`` replace the data), and a changed scaling (``set_scale``). ``AdapterBank.refresh``
-checks, per call, each layer's adapter names and each parameter's identity and data pointer (the storage is
-alive, so no other tensor can own that address), repacks the layers whose parameters moved, and rewrites the
-per-slot scales that changed. DoRA's rescale is derived from the weights, so it is recomputed on every call, as
-PEFT recomputes it on every forward.
+and ``load_state_dict(assign=True)`` replace the data), and a changed scaling (``set_scale``). Each of them is
+counted where it happens: a registration through torch's hooks (``watch_modules``), a ``.data`` assignment or a
+write into a ``_parameters`` dict through ``peft_fastlora.watched`` (the stored parameters are ``BankParameter``s).
+So the per-call check (``_Snapshot``) compares two counters and each layer's adapter count, and rereads the
+scalings: its cost grows with the layers, not with the weights. When a count moved, ``AdapterBank.refresh`` checks
+each layer's adapter names and each parameter's identity and data pointer (the storage is alive, so no other
+tensor can own that address), repacks the layers whose parameters moved, and rewrites the per-slot scales that
+changed. DoRA's rescale is derived from the weights, so it is recomputed on every call, as PEFT recomputes it on
+every forward.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from peft.tuners.lora import LoraLayer
 from .dora import DoraScales, dora_adapters, dora_scales, refresh_dora_scales
 from .peft_messages import BASE_ADAPTER_NAME
 from .storage_keys import register as _register_storage
+from .watched import is_watched, set_data_quietly, unwatch, watch, writes
 
 BASE_SLOT = -1
 """The slot id of a ``"__base__"`` row: no LoRA."""
@@ -430,6 +435,14 @@ def _placement(layer: LoraLayer) -> tuple:
     )  # fmt: skip
 
 
+def _owners(layer: LoraLayer, name: str) -> list[tuple[torch.nn.Module, str]]:
+    """``[(module, key), (module, key)]``: where adapter ``name``'s lora_A and lora_B parameters are held, each as
+    ``module._parameters[key]``."""
+    if name in layer.lora_embedding_A:
+        return [(layer.lora_embedding_A, name), (layer.lora_embedding_B, name)]
+    return [(layer.lora_A[name], "weight"), (layer.lora_B[name], "weight")]
+
+
 _parameters_of = operator.attrgetter("_parameters")
 _weight_in = operator.itemgetter("weight")
 _data_ptr = torch._C.TensorBase.data_ptr
@@ -479,9 +492,29 @@ def _name_dicts(layers: list[LoraLayer]) -> list[dict]:
     return found
 
 
+class _Placed:
+    """Parameters held as ``dicts[i][keys[i]]``, with the identities and addresses they had when this was made."""
+
+    def __init__(self, dicts: list[dict], keys: list[str]):
+        self.dicts, self.keys = dicts, keys
+        parameters = self.read()
+        self.ids, self.pointers = list(map(id, parameters)), list(map(_data_ptr, parameters))
+
+    def read(self) -> list:
+        return list(map(operator.getitem, self.dicts, self.keys))
+
+    def unmoved(self) -> bool:
+        """True while each is the same object at the same address (C-level passes, ~0.1 µs a parameter)."""
+        try:
+            parameters = self.read()
+        except KeyError:
+            return False
+        return list(map(id, parameters)) == self.ids and list(map(_data_ptr, parameters)) == self.pointers
+
+
 class _Snapshot:
-    """Where every adapter parameter of the fast layers stood after the bank's last full check, read back per call
-    in a few C-level passes over flat lists (about 0.1 µs a parameter) instead of a Python walk of every layer.
+    """Where every adapter parameter of the fast layers stood after the bank's last full check: what the per-call
+    check compares instead of walking every layer.
 
     It holds while no module or parameter has been registered since (``registrations``: adapters added, modules
     or parameter objects replaced), every layer holds as many adapters as then (deletions), and each adapter
@@ -489,12 +522,18 @@ class _Snapshot:
     parameter put straight into ``_parameters`` as accelerate's ``set_module_tensor_to_device`` and torch's
     overwrite-on-conversion ``model.to`` do; no hook sees those). Then a call only rereads the scalings.
 
+    The last condition is read from a counter (``watched.writes``) for every parameter the bank stores, since each
+    is a ``BankParameter`` in a ``WatchedParameters`` dict: the check costs ~0.1 µs per layer dict, not per weight.
+    Only the rest (adapters left to PEFT's path, a Parameter of another class) are read one by one, and all of them
+    while torch's ``swap_tensors`` conversion is on (``torch.__future__.set_swap_module_params_on_conversion``):
+    it swaps a parameter's contents and class without a write either counter sees.
+
     Raises KeyError when made for a layer whose adapter weights are not where ``lora.Linear`` keeps them (a
     variant); the bank then checks unit by unit on every call.
     """
 
-    def __init__(self, counted: int, lora_layers: list[LoraLayer], fast_layers: list[LoraLayer]):
-        self.registrations = counted
+    def __init__(self, counted: int, written: int, lora_layers: list[LoraLayer], fast_layers: list[LoraLayer]):
+        self.registrations, self.writes = counted, written
         self.name_dicts = _name_dicts(lora_layers)
         self.name_counts = list(map(len, self.name_dicts))
         dicts, keys = [], []
@@ -511,21 +550,17 @@ class _Snapshot:
             for name in embedding_a:
                 dicts += (embedding_a, embedding_b)
                 keys += (name, name)
-        self.parameter_dicts, self.parameter_keys = dicts, keys
-        parameters = self._parameters()
-        self.ids, self.pointers = list(map(id, parameters)), list(map(_data_ptr, parameters))
-
-    def _parameters(self) -> list:
-        return list(map(operator.getitem, self.parameter_dicts, self.parameter_keys))
+        self.every = _Placed(dicts, keys)
+        rest = [(d, k) for d, k, p in zip(dicts, keys, self.every.read(), strict=True) if not is_watched(d, p)]
+        self.unwatched = _Placed([d for d, _ in rest], [k for _, k in rest])
 
     def holds(self) -> bool:
-        if registrations() != self.registrations or list(map(len, self.name_dicts)) != self.name_counts:
+        if registrations() != self.registrations or writes() != self.writes:
             return False
-        try:
-            parameters = self._parameters()
-        except KeyError:
+        if list(map(len, self.name_dicts)) != self.name_counts:
             return False
-        return list(map(id, parameters)) == self.ids and list(map(_data_ptr, parameters)) == self.pointers
+        swapping = torch.__future__.get_swap_module_params_on_conversion()
+        return (self.every if swapping else self.unwatched).unmoved()
 
 
 class AdapterBank:
@@ -653,11 +688,12 @@ class AdapterBank:
             if snapshot is not None and snapshot.holds():
                 self._refresh_values(named)
             else:
-                counted = registrations()  # before the walk: a registration during it is seen by the next call
+                # Both counts before the walk: a change made during it is seen by the next call.
+                counted, written = registrations(), writes()
                 self._snapshot = None
                 self._refresh(named)
                 try:
-                    self._snapshot = _Snapshot(counted, self.lora_layers, self.fast_layers)
+                    self._snapshot = _Snapshot(counted, written, self.lora_layers, self.fast_layers)
                 except KeyError:  # a variant keeps its weights elsewhere: check unit by unit on every call
                     self._snapshot = None
 
@@ -701,6 +737,9 @@ class AdapterBank:
             if len(layers) > 1:
                 self.groups.append(layers[0]._fastlora_packed.group)
         self._units = kept
+        # Packing may have given an embedding's ParameterDict a watched _parameters dict (a new object): count
+        # adapter names from the dicts that hold them now.
+        self._name_dicts = _name_dicts(self.lora_layers)
         self.left_to_peft = set().union(*(layer._fastlora_unsupported for layer in self.fast_layers))
         self.dora_left_to_peft = set().union(
             *(layer._fastlora_unsupported & dora_adapters(layer) for layer in self.fast_layers)
@@ -734,9 +773,15 @@ class AdapterBank:
         left_to_peft = set()
         for layer, packed, served, skip, params in zip(unit.layers, packs, members, skipped, parameters, strict=True):
             for slot in served:
-                a, b = params[self._slot_names[slot]]
+                name = self._slot_names[slot]
+                a, b = params[name]
                 view_a, view_b, _ = packed.adapter(slot)
-                a.data, b.data = view_a, view_b  # the Parameter objects stay; their data is now the storage
+                # The Parameter objects stay; their data is now the storage. From here on, replacing one (its
+                # .data or its entry in _parameters) is counted, so the per-call check need not look at it.
+                set_data_quietly(a, view_a)
+                set_data_quietly(b, view_b)
+                for module, key in _owners(layer, name):
+                    watch(module, [key])
             packed.dora = dora_scales(layer, self.slots, self.num_slots, dora_adapters(layer) - skip.keys())
             layer._fastlora_packed = packed
             layer._fastlora_unsupported = set(skip)
@@ -778,7 +823,10 @@ class AdapterBank:
         with torch.inference_mode(False):  # as in refresh: the parameters must not become inference tensors
             for a, b in adapter_parameters(layer).values():
                 for parameter in (a, b):
-                    parameter.data = parameter.data.clone(memory_format=torch.contiguous_format)
+                    set_data_quietly(parameter, parameter.data.clone(memory_format=torch.contiguous_format))
+            for name in adapter_parameters(layer):
+                for module, _ in _owners(layer, name):
+                    unwatch(module)
         self._units = {key: unit for key, unit in self._units.items() if layer not in unit.layers}
 
     def _warn_left_to_peft(self, found: set[tuple[str, str]]) -> None:

@@ -74,6 +74,9 @@ def test_copy_serves_mixed_batches_on_its_own(how, native, adapter_dirs):
     expected = mixed_logits(oracle, batch)
     assert_close_relative(mixed_logits(model, batch), expected)
     twin = twin_of(model, how)
+    # The copy holds plain PEFT parameters in plain dicts (the bank's watched classes are the patch's own state).
+    assert all(type(parameter) is torch.nn.Parameter for parameter in twin.parameters())
+    assert all(type(module._parameters) is dict for module in twin.modules())
     assert_close_relative(mixed_logits(twin, batch), expected)
     with torch.no_grad():
         assert torch.equal(

@@ -14,9 +14,9 @@ import weakref
 import pytest
 import torch
 from helpers import assert_close_relative
-from test_storage import NAMES, lora_layers, patched_and_oracle
+from test_storage import NAMES, data_mul, edit_every_layer, lora_layers, patched_and_oracle
 
-from peft_fastlora import bank, patch
+from peft_fastlora import bank, patch, watched
 
 
 def _count_calls(monkeypatch, owner, name: str) -> dict:
@@ -106,6 +106,79 @@ def test_patch_under_another_default_dtype(default_dtype):
         torch.set_default_dtype(previous)
     assert_close_relative(actual, oracle(**batch, adapter_names=NAMES).logits)
     assert_close_relative(fresh_actual, fresh_oracle(**batch, adapter_names=NAMES).logits)
+
+
+@torch.no_grad()
+def test_the_per_call_check_reads_no_stored_parameter(monkeypatch):
+    """Every stored parameter is a ``BankParameter`` in a ``WatchedParameters`` dict, so the per-call check compares
+    two counters and each layer's adapter count and reads no parameter: its cost grows with the layers, not with
+    the weights (the issue's bound)."""
+    model, oracle, batch = patched_and_oracle("torch")
+    state = model.base_model._fastlora_state
+    stored = [
+        (module, key)
+        for layer in state.bank.fast_layers
+        for name in bank.adapter_parameters(layer)
+        for module, key in bank._owners(layer, name)
+    ]
+    assert len(stored) > 20
+    assert all(watched.is_watched(module._parameters, module._parameters[key]) for module, key in stored)
+    snapshot = state.bank._snapshot
+    assert snapshot.unwatched.keys == [] and len(snapshot.every.keys) == len(stored)
+    read = []
+    real_read = bank._Placed.read
+    monkeypatch.setattr(bank._Placed, "read", lambda placed: read.extend(real_read(placed)) or real_read(placed))
+    for _ in range(2):
+        assert_close_relative(model(**batch, adapter_names=NAMES).logits, oracle(**batch, adapter_names=NAMES).logits)
+    assert read == [] and state.bank._snapshot is snapshot
+
+
+@torch.no_grad()
+def test_each_uncounted_kind_of_write_is_counted():
+    """The writes no registration hook sees are each counted: ``.data =`` on a stored parameter, and every way of
+    changing a watched ``_parameters`` dict."""
+    model, _, _ = patched_and_oracle("torch")
+    layer = next(layer for layer in model.base_model._fastlora_state.bank.fast_layers if "a" in layer.lora_A)
+    module = layer.lora_A["a"]
+    parameters = module._parameters
+    writes = [
+        lambda: setattr(module.weight, "data", module.weight.data.clone()),
+        lambda: parameters.__setitem__("weight", torch.nn.Parameter(module.weight.data.clone())),
+        lambda: parameters.update(weight=torch.nn.Parameter(module.weight.data.clone())),
+        lambda: parameters.setdefault("extra", None),
+        lambda: parameters.pop("extra"),
+        lambda: parameters.__ior__({"extra": None}),
+        lambda: parameters.__delitem__("extra"),
+        lambda: parameters.__setitem__("extra", None),
+        lambda: parameters.popitem(),
+    ]
+    for write in writes:
+        before = watched.writes()
+        write()
+        assert watched.writes() != before, write
+    saved = dict(parameters)
+    before = watched.writes()
+    parameters.clear()
+    assert watched.writes() != before
+    parameters.update(saved)
+
+
+@torch.no_grad()
+def test_model_to_under_swap_tensors_conversion_is_seen():
+    """Under ``torch.__future__.set_swap_module_params_on_conversion(True)`` ``model.to`` swaps each parameter's
+    contents (and class) in place, which neither count sees: the check then reads every parameter."""
+    model, oracle, batch = patched_and_oracle("torch")
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        for target in (model, oracle):
+            target.to(torch.float64)
+            # An in-place edit after the swap: stale storage shows even though the conversion kept the values.
+            edit_every_layer(data_mul, "b", "B")(target, seed=0)
+        actual = model(**batch, adapter_names=NAMES).logits
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(False)
+    assert actual.dtype == torch.float64
+    assert_close_relative(actual, oracle(**batch, adapter_names=NAMES).logits)
 
 
 @torch.no_grad()

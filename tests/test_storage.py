@@ -221,8 +221,10 @@ def test_unpatch_gives_parameters_their_own_storage():
     for name, parameter in model.named_parameters():
         if "lora_" in name:
             assert parameter is parameters[name]
+            assert type(parameter) is torch.nn.Parameter, name  # not the bank's watched class
             assert parameter.is_contiguous() and parameter.untyped_storage().nbytes() == parameter.nbytes, name
             assert torch.equal(parameter, oracle.get_parameter(name)), name
+    assert all(type(module._parameters) is dict for module in model.modules())
     assert_close_relative(model(**batch, adapter_names=NAMES).logits, oracle(**batch, adapter_names=NAMES).logits)
 
 
