@@ -106,7 +106,7 @@ def registrations() -> int:
 
 
 class SiblingGroup:
-    """The shared lora_A storage of layers that read one input (q/k/v, gate/up), and their shared shrink output.
+    """The shared lora_A storage of layers that read one input (q/k/v, gate/up).
 
     Attributes
     ----------
@@ -118,8 +118,11 @@ class SiblingGroup:
     max_rank : int
         The largest summed rank.
 
-    The leader (the first member called in a forward) shrinks against ``a`` and remembers its input; a member
-    called with the same input object reuses the result and only runs its expand; the last member releases it.
+    The leader (the first member called in a forward) shrinks against ``a`` and leaves the result in the call's
+    plan (``PlanView.share_shrink``); a member called with the same input object reuses it and only runs its
+    expand; the last member releases it. Members read what they need of the group from their own ``PackedLora``
+    (``group_key``, ``group_max_rank``): under torch.compile, reading one group object from several layers made
+    dynamo add an aliasing guard per member, checked in Python on every call.
     """
 
     def __init__(self, a: torch.Tensor, offsets: list[int], ranks: list[int], size: int):
@@ -131,32 +134,10 @@ class SiblingGroup:
         self.offsets_dev, self.ranks_dev = self.meta[0], self.meta[1]
         self.max_rank = max(ranks, default=0)
         self.key = _register_storage(self)  # what compiled graphs name it by (see peft_fastlora.storage_keys)
-        # (input, shrink output), one attribute written and read whole: calls from several threads may run at once.
-        self._memo: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def shrink_operands(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(a, offsets, ranks)`` for ``launch_shrink`` against the whole group."""
         return self.a, self.offsets_dev, self.ranks_dev
-
-    def remember(self, x: torch.Tensor, h: torch.Tensor) -> None:
-        """Keep the shrink output ``h`` of input ``x`` (holding ``x`` keeps its identity unambiguous)."""
-        self._memo = (x, h)
-
-    def take(self, x: torch.Tensor, last: bool) -> torch.Tensor | None:
-        """The group's shrink output if it was computed from this very tensor, else None.
-
-        The last member (``last``) to take it drops both, so that neither the input nor ``h`` outlives the group's
-        layers (a call otherwise kept every decoder layer's normed input alive until it ended: 5x base's prefill
-        memory). A member that finds nothing (another thread's call replaced the pair, or it reads another input)
-        computes its own shrink."""
-        memo = self._memo
-        h = memo[1] if memo is not None and memo[0] is x else None
-        if last:  # also when the last member reads another input (T5 cross-attention k/v): nothing needs h now
-            self.forget()
-        return h
-
-    def forget(self) -> None:
-        self._memo = None
 
 
 @dataclass
@@ -194,6 +175,9 @@ class PackedLora:
         The sibling group whose ``a`` this layer's rows live in, if any; ``leader``/``last`` say whether this
         layer shrinks for the group / releases its result, and ``h_cols`` (int32 ``[num_slots]``) where this
         layer's part of each slot starts in the group's shrink output.
+    group_key, group_max_rank : int or None, int
+        The group's ``key`` and ``max_rank`` (None and 0 without one), as plain ints of this layer: what a compiled
+        forward reads of the group (see ``SiblingGroup``).
     launches : dict
         The backend's launches prepared for this storage, per batch shape (see ``backends/triton.py``); a repack
         makes a new ``PackedLora``, so none outlives the tensors it reads.
@@ -210,6 +194,8 @@ class PackedLora:
     group: SiblingGroup | None = None
     leader: bool = False
     last: bool = False
+    group_key: int | None = None
+    group_max_rank: int = 0
     launches: dict = field(default_factory=dict, repr=False)
     max_rank: int = field(init=False)
     num_slots: int = field(init=False)
@@ -318,6 +304,7 @@ def pack(
                 view_b.copy_(lora_b)
         if group is not None:
             packed.group, packed.leader, packed.last = group, index == 0, index == count - 1
+            packed.group_key, packed.group_max_rank = group.key, group.max_rank
         packs.append(packed)
     return packs
 
@@ -329,7 +316,7 @@ SIBLING_NAMES = (
     frozenset({"w1", "w3"}),
 )
 """Module names that, under one parent, read the same input in the architectures transformers ships. A grouping
-is only a hint: a member whose input is not the leader's computes its own shrink (see SiblingGroup.take)."""
+is only a hint: a member whose input is not the leader's computes its own shrink (see PlanView.shared_shrink)."""
 
 
 def sibling_groups(named_layers: list[tuple[str, LoraLayer]]) -> list[list[LoraLayer]]:
@@ -582,7 +569,7 @@ class AdapterBank:
     num_slots : int
         The length of every per-slot array (the highest slot id in use + 1, never shrinking).
     groups : list[SiblingGroup]
-        The sibling groups of the current packing (their shrink outputs are dropped at the end of each call).
+        The sibling groups of the current packing.
     sibling_candidates : list[list[LoraLayer]]
         Fast layers that read one input, by parent (``sibling_groups``); each list is packed as one unit.
     layer_names : dict[int, str]
@@ -714,8 +701,6 @@ class AdapterBank:
 
     def _refresh(self, named: set[str] | None) -> None:
         self._assign_slots()
-        # Drop the groups (and what they remember) before repacking, so that old storage is freed unit by unit.
-        self.forget_inputs()
         self.groups = []
         grouped = {id(layer) for members in self.sibling_candidates for layer in members}
         units = [list(members) for members in self.sibling_candidates]
@@ -842,11 +827,6 @@ class AdapterBank:
             "layer's other adapters): " + ", ".join(f"{name!r} ({reason})" for name, reason in new),
             stacklevel=4,
         )
-
-    def forget_inputs(self) -> None:
-        """Drop every group's remembered input and shrink output (at the end of a call, to free them)."""
-        for group in self.groups:
-            group.forget()
 
     def slot_ids(self, adapter_names: list[str]) -> list[int]:
         """Map names to slot ids, ``"__base__"`` to ``BASE_SLOT``. Names must be known (checked by the caller)."""

@@ -17,6 +17,7 @@ the original, and the copied model re-patches itself on its first call (see ``pe
 from __future__ import annotations
 
 import sys
+import threading
 import types
 from typing import Any
 
@@ -27,8 +28,19 @@ from .bank import BASE_SLOT
 from .dora import apply_dora, dora_dtype
 from .peft_messages import BASE_ADAPTER_NAME
 
-PATCH_ATTRIBUTES = ("_fastlora_state", "_fastlora_packed", "_fastlora_unsupported")
+PATCH_ATTRIBUTES = ("_fastlora_state", "_fastlora_key", "_fastlora_packed", "_fastlora_unsupported")
 """What ``patch_layer`` and the bank attach to a layer; none of it belongs in a copy or a pickle."""
+
+ACTIVE = threading.local()
+"""``ACTIVE.state``: the patch state of the innermost mixed-batch call running on this thread (set by
+``patch._mixed_batch_context``), or no attribute outside one. A layer serves the call where the state's ``key`` is
+its own ``_fastlora_key``; any other layer (another patched model called inside the call without
+``adapter_names``) takes PEFT's plain path.
+
+Why not the layer's own ``_fastlora_state``: under torch.compile, an object that several layers reach through their
+own attributes gets an aliasing guard per layer (``layer_i._fastlora_state is layer_0._fastlora_state``), which
+dynamo checks in Python on every call: 7 per decoder layer. Read here, it has one source and no such guard, and
+each layer adds only an int comparison."""
 
 
 class _FastLayer:
@@ -64,7 +76,9 @@ class FastLinearMixin(_FastLayer):
     """Mixed-batch forward for PEFT's ``lora.Linear`` (nn.Linear, and transformers' Conv1D via fan_in_fan_out)."""
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        state = self._fastlora_state
+        state = getattr(ACTIVE, "state", None)
+        if state is None or state.key != self._fastlora_key:
+            return super().forward(x, *args, **kwargs)
         plan = state.plan
         # Only PEFT's hooks (state.peft_hooks) hand a layer adapter_names inside a mixed call; reading the flag here
         # makes dynamo guard on it, so a graph compiled without hooks is not replayed for a call with them.
@@ -90,7 +104,9 @@ class FastEmbeddingMixin(_FastLayer):
     """Mixed-batch forward for PEFT's ``lora.Embedding``."""
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        state = self._fastlora_state
+        state = getattr(ACTIVE, "state", None)
+        if state is None or state.key != self._fastlora_key:
+            return super().forward(x, *args, **kwargs)
         plan = state.plan
         if plan is None or self.disable_adapters or (state.peft_hooks and "adapter_names" in kwargs):
             return super().forward(x, *args, **kwargs)
@@ -163,6 +179,7 @@ def patch_layer(module: torch.nn.Module, state) -> None:
     """Swap ``module`` (a PEFT Linear or Embedding) to its fast class and attach the shared patch state."""
     peft_class = type(module)
     module._fastlora_state = state
+    module._fastlora_key = state.key
     module.__class__ = fast_class(peft_class)
     _rebind_forwards(module.__dict__, module, peft_class, module.__class__)
 

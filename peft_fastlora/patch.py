@@ -36,6 +36,7 @@ peft_fastlora importable (pickle imports it by itself) but nothing imported befo
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import operator
 import threading
@@ -55,10 +56,13 @@ from . import peft_messages
 from .backends import get_backend
 from .bank import AdapterBank, registrations, sibling_groups, watch_modules
 from .dora import dora_adapters
-from .layers import FAST_MIXINS, is_fast_layer, patch_layer, unpatch_layer
+from .layers import ACTIVE, FAST_MIXINS, is_fast_layer, patch_layer, unpatch_layer
 from .plan import BatchPlan
 
 logger = logging.getLogger(__name__)
+
+
+_STATE_KEYS = itertools.count(1)
 
 
 @dataclass
@@ -80,6 +84,8 @@ class PatchState:
         Plans for calls that start while ``plan_buffers`` is taken (nested or concurrent calls), kept for reuse.
     lock : threading.RLock
         Held while shared state is written: layer sync and bank refresh, and taking or giving back a plan.
+    key : int
+        Unique to this state; each of its layers holds it as ``_fastlora_key`` (see ``layers.ACTIVE``).
     """
 
     backend_name: str
@@ -91,6 +97,7 @@ class PatchState:
     buffers_taken: bool = False
     # The plan of the innermost mixed call running on each thread (as the attribute ``plan``).
     _local: threading.local = field(default_factory=threading.local)
+    key: int = field(default_factory=lambda: next(_STATE_KEYS))
 
     @property
     def plan(self) -> BatchPlan | None:
@@ -516,6 +523,7 @@ def _mixed_batch_context(lora_model: torch.nn.Module, *args, **kwargs):
     expand = _expand_size(lora_model, kwargs)
     local = state._local
     outer, outer_hooks = getattr(local, "plan", None), getattr(local, "peft_hooks", False)
+    outer_state = getattr(ACTIVE, "state", None)
     plan = state.take_plan()
     handles = []
     try:
@@ -542,6 +550,7 @@ def _mixed_batch_context(lora_model: torch.nn.Module, *args, **kwargs):
                 for module in _peft_path_modules(encoder.modules(), set(names))
             ]
         local.plan, local.peft_hooks = plan, bool(handles)
+        ACTIVE.state = state
         if handles:
             # PEFT-path modules get their names through forward hooks, and dynamo by default does not guard on
             # hooks: a graph compiled with another call's hooks would be replayed silently, so guard on them.
@@ -554,7 +563,8 @@ def _mixed_batch_context(lora_model: torch.nn.Module, *args, **kwargs):
             yield
     finally:
         local.plan, local.peft_hooks = outer, outer_hooks
-        bank.forget_inputs()
+        ACTIVE.state = outer_state
+        plan.forget_shrinks()
         for handle in handles:
             handle.remove()
         state.give_back(plan)

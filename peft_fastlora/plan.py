@@ -50,13 +50,36 @@ class PlanView:
     segments : tuple[torch.Tensor, ...]
         For kernels: ``(sorted_rows, seg_slots, seg_starts, seg_lens)`` over the plan's full capacity (entries past
         the live ones are stale) and a one-element int32 tensor holding the number of segments.
+    shrinks : dict
+        The plan's (so this call's) shrink outputs shared by sibling layers (see ``share_shrink``).
     """
 
     row_slots: torch.Tensor
     sorted_rows: torch.Tensor
     groups: list[tuple[int, int, int]]
     segments: tuple[torch.Tensor, ...]
+    shrinks: dict = field(default_factory=dict, repr=False, compare=False)
     _addresses: tuple[int, ...] | None = field(default=None, repr=False, compare=False)
+
+    def share_shrink(self, group_key: int, x: torch.Tensor, h: torch.Tensor) -> None:
+        """Keep the shrink output ``h`` of input ``x`` against sibling group ``group_key``'s storage for the group's
+        other members (the leader calls this; holding ``x`` keeps its identity unambiguous).
+
+        The pair lives in this call's plan, not in the group: concurrent calls (each has its own plan) cannot see
+        each other's, and under torch.compile the layers reach it through the plan, which every layer reads from
+        one place, where a per-group attribute made dynamo add a Python aliasing guard per member and replay a
+        store per group after every call."""
+        self.shrinks[group_key] = (x, h)
+
+    def shared_shrink(self, group_key: int, x: torch.Tensor, last: bool) -> torch.Tensor | None:
+        """Group ``group_key``'s shrink output if it was computed from this very tensor, else None.
+
+        The last member (``last``) drops the pair, so that neither the input nor ``h`` outlives the group's layers
+        (a call otherwise kept every decoder layer's normed input alive until it ended: 5x base's prefill memory).
+        A member that finds nothing (it reads another input, as T5's cross-attention k/v do) computes its own
+        shrink."""
+        pair = self.shrinks.pop(group_key, None) if last else self.shrinks.get(group_key)
+        return pair[1] if pair is not None and pair[0] is x else None
 
     def addresses(self) -> tuple[int, ...]:
         """The device addresses of ``segments``, read once per view (eager calls only: not while torch.compile
@@ -106,6 +129,9 @@ class BatchPlan:
         self.slots: list[int] = []
         self.num_input_rows = 0
         self._views: dict[tuple[int, torch.device], PlanView] = {}
+        # Sibling groups' shared shrink outputs in this call, by group key (PlanView.share_shrink); every view of
+        # this plan holds this dict.
+        self.shrinks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._groups: list[tuple[int, int, int]] = []
         self._num_sorted = 0
         self._copies: dict[torch.device, torch.Tensor] = {}
@@ -144,6 +170,7 @@ class BatchPlan:
                 *(buffer[index * cap : (index + 1) * cap] for index in range(1, _SECTIONS)),
                 buffer[_SECTIONS * cap :],
             ),
+            shrinks=self.shrinks,
         )
 
     def fill(self, slots: list[int], expand: int = 1) -> None:
@@ -175,6 +202,7 @@ class BatchPlan:
         # A blocking copy, once per call: the staging buffer is reused by the next call, so the copy must be done.
         self._buffer.copy_(self._staging)
         self._groups, self._num_sorted, self._copies = groups, len(sorted_rows), {}
+        self.shrinks.clear()
         self._views = {(rows, self.device): self._row_view(self.device)}
         self._input_plan = None
         self.tokens_per_row = None
@@ -185,6 +213,13 @@ class BatchPlan:
                 self._encoder_plan = BatchPlan(self.device)
             self._encoder_plan.fill(slots)
             self._input_plan = self._encoder_plan
+
+    def forget_shrinks(self) -> None:
+        """Drop the shared shrink outputs this call still holds (at its end, to free them; see
+        ``PlanView.shared_shrink``), the encoder plan's included."""
+        self.shrinks.clear()
+        if self._encoder_plan is not None:
+            self._encoder_plan.shrinks.clear()
 
     def view(
         self, num_rows: int, flattened: bool, device: torch.device | None = None, tokens_per_row: int | None = None
@@ -268,6 +303,7 @@ class BatchPlan:
             sorted_rows=segments[0][: row_view.sorted_rows.shape[0] * tokens_per_row],
             groups=groups,
             segments=segments,
+            shrinks=self.shrinks,
         )
         self._views[(num_rows, device)] = view
         return view

@@ -212,8 +212,8 @@ class FlashInferBackend(TorchBackend):
             super().add_lora(result, x, packed, view)  # assignment-independent; FlashInfer needs host values
             return
         if packed.max_rank == 0:
-            if packed.group is not None and packed.last:
-                packed.group.forget()
+            if packed.group_key is not None and packed.last:
+                view.shared_shrink(packed.group_key, x, last=True)  # releases the group's shrink output
             return
         why = self._unsupported(x, packed)
         if why is not None:

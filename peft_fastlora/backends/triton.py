@@ -38,10 +38,10 @@ class TritonBackend(TorchBackend):
         """Add each row's LoRA delta to ``result`` in place (see ``TorchBackend.add_lora``)."""
         # No test on the assignment (e.g. an all-__base__ batch) here: the launch must not depend on it, so that a
         # CUDA graph captured for one assignment replays for any other; the kernels read the segment count.
-        group = packed.group
+        group_key = packed.group_key  # (not packed.group: see SiblingGroup)
         if packed.max_rank == 0:
-            if group is not None and packed.last:
-                group.forget()  # the last member releases the group's shrink output even when it adds nothing
+            if group_key is not None and packed.last:
+                view.shared_shrink(group_key, x, last=True)  # the last member releases it even when adding nothing
             return
         if self._direct_allowed(x, result) and self._add_lora_direct(result, x, packed, view):
             return
@@ -54,10 +54,11 @@ class TritonBackend(TorchBackend):
         # The storage is named by key, not passed (see peft_fastlora.storage_keys): under torch.compile every
         # tensor read from an attribute is a graph input guarded on every call, 20 per decoder layer.
         h = None
-        if group is not None:
+        if group_key is not None:
             if packed.leader:
-                group.remember(x, keyed_shrink(x_tokens, *plan, group.key, packed.num_slots, group.max_rank))
-            h = group.take(x, packed.last)
+                h = keyed_shrink(x_tokens, *plan, group_key, packed.num_slots, packed.group_max_rank)
+                view.share_shrink(group_key, x, h)
+            h = view.shared_shrink(group_key, x, packed.last)
         shared = h is not None
         if h is None:
             h = keyed_shrink(x_tokens, *plan, packed.key, packed.num_slots, packed.max_rank)
@@ -93,8 +94,8 @@ class TritonBackend(TorchBackend):
                 h = self._shrink(prepared, shrink, x, num_tokens, view)
                 if h is None:
                     return False
-                group.remember(x, h)
-            h = group.take(x, packed.last)
+                view.share_shrink(group.key, x, h)
+            h = view.shared_shrink(group.key, x, packed.last)
         shared = h is not None
         if h is None:
             shrink = ("shrink", key, *packed.shrink_operands(), packed.max_rank)
