@@ -20,6 +20,7 @@ grep "per layer" $OUT/harness_base.txt >> $OUT/runC.txt
 echo "=== harness done at $((SECONDS-START)) s" >> $OUT/runC.txt
 for code in new old; do
   P=.:benchmarks; [ $code = old ] && P=.stage/old27:benchmarks
+  PYTHONPATH=$P python -c "import peft_fastlora; print('package', peft_fastlora.__file__)" >> $OUT/runC.txt 2>&1
   PYTHONPATH=$P timeout 230 python benchmarks/bench_generate.py --layers 32 --prompt 128 --new-tokens 32 --repeats 3 \
       --configs 32x8 --adapter-dtype model --modes compiled --backends triton \
       --profile base,ours --out $OUT/genC_compiled_$code.json > $OUT/genC_compiled_$code.log 2>&1
