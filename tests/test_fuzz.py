@@ -151,7 +151,13 @@ def low_precision_errors(scenario: dict, backend: str, dtype: torch.dtype, devic
 
 
 def fuzz_no_worse_than_peft(
-    backend: str, dtype: torch.dtype, device: str, examples: int, derandomize: bool = False, **sizes
+    backend: str,
+    dtype: torch.dtype,
+    device: str,
+    examples: int,
+    derandomize: bool = False,
+    exact_fp32: bool = False,
+    **sizes,
 ) -> None:
     """DESIGN §6's bar for bf16/fp16, over a fuzzing run: against the fp32 oracle, ours' mean relative error is at
     most 1.1x PEFT's and ours' argmax agreement (over all positions) at least PEFT's - 0.01.
@@ -159,8 +165,14 @@ def fuzz_no_worse_than_peft(
     The bar is pooled over the run's examples because one tiny example (a few positions of a 64-wide model) is
     too small a sample: correct code with another summation order than PEFT's was measured at 1.35x PEFT's error
     on one 56-position example (fp16, interpreted Triton on CPU), ~1.0x pooled. Each example must still stay within
-    2x PEFT's error (plus bf16/fp16 resolution for examples both get almost exact), so that one broken example
-    cannot hide in the pool."""
+    2x PEFT's error plus four times the dtype's resolution, so that one broken example cannot hide in the pool (a
+    row served stale or another adapter's weights is off by 0.3-1.4, see the bank-as-storage issue).
+
+    The resolution term is not smaller because one example's bf16 error is itself noise: on the H200 (session 27)
+    an 11-position example with rsLoRA scalings of 8 and 16 had ours 0.050 and PEFT 0.014, identical on the
+    previous release, and the same scenario with seeds 1 and 2 gave ours 0.009 / 0.043 against PEFT 0.012 / 0.049;
+    PEFT's own error for seed 0 was 0.031 on the CPU. ``exact_fp32`` also runs each example in fp32 against PEFT at
+    1e-5 with greedy tokens equal (``check``): an exact per-example bar that no rounding noise can hide behind."""
     runs = []
     resolution = 1e-2 if dtype == torch.bfloat16 else 1e-3
 
@@ -169,7 +181,9 @@ def fuzz_no_worse_than_peft(
     def run(scenario):
         errors = low_precision_errors(scenario, backend, dtype, device)
         (ours, _), (peft, _) = errors["ours"], errors["peft"]
-        assert ours <= 2 * peft + resolution, f"one example far worse than PEFT: {errors}"
+        assert ours <= 2 * peft + 4 * resolution, f"one example far worse than PEFT: {errors}"
+        if exact_fp32:
+            check(scenario, backend, device=device)
         runs.append(errors)
 
     run()
@@ -199,5 +213,6 @@ def test_fuzz_fp16_interpreted():
 def test_fuzz_bf16_on_gpu():
     """bf16 against an fp32 oracle, no worse than PEFT's own bf16 mixed batch (DESIGN §6). The old bar, PEFT's bf16
     logits at 3e-2, failed at 0.0853 with a rank-1, alpha-32 adapter: two bf16 computations of the same thing
-    differ more than either differs from fp32. Greedy tokens are compared in fp32 only (near-ties)."""
-    fuzz_no_worse_than_peft("triton", torch.bfloat16, "cuda", 60, max_batch=8, max_length=16)
+    differ more than either differs from fp32. Greedy tokens are compared in fp32 only (near-ties): each example
+    also runs in fp32 against PEFT at 1e-5 (``exact_fp32``)."""
+    fuzz_no_worse_than_peft("triton", torch.bfloat16, "cuda", 60, exact_fp32=True, max_batch=8, max_length=16)
