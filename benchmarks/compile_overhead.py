@@ -66,9 +66,9 @@ def replaying_backend(graph_module, example_inputs):
     return run
 
 
-def median_call_us(row: str, layers: int, calls: int) -> float:
-    """Median µs of one compiled decode-step call (1 token per row, static cache) of ``row`` at ``layers``."""
-    torch._dynamo.reset()
+def compiled_step(row: str, layers: int, backend=replaying_backend):
+    """``(model, compiled forward, one decode step's kwargs)`` of ``row`` at ``layers`` (1 token per row, static
+    cache); call the forward inside ``mixed_call(row, model)``."""
     model = build(row, layers)
     inner = model if row == "base" else model.get_base_model()
     step = {
@@ -78,13 +78,21 @@ def median_call_us(row: str, layers: int, calls: int) -> float:
         "position_ids": torch.full((len(ASSIGNMENT), 1), 5),
         "cache_position": torch.tensor([5]),
     }
-    forward = torch.compile(inner.forward, backend=replaying_backend, dynamic=False)
+    return model, torch.compile(inner.forward, backend=backend, dynamic=False), step
+
+
+def mixed_call(row: str, model):
+    """The context a decode step of ``row`` runs in: ours inside a mixed call of ``ASSIGNMENT``."""
+    return model._enable_peft_forward_hooks(adapter_names=ASSIGNMENT) if row == "ours" else contextlib.nullcontext()
+
+
+def median_call_us(row: str, layers: int, calls: int) -> float:
+    """Median µs of one compiled decode-step call (1 token per row, static cache) of ``row`` at ``layers``."""
+    torch._dynamo.reset()
+    model, forward, step = compiled_step(row, layers)
     best = float("inf")
     for _ in range(3):  # the fastest of three medians: the CPU's own noise only ever adds
-        context = (
-            model._enable_peft_forward_hooks(adapter_names=ASSIGNMENT) if row == "ours" else contextlib.nullcontext()
-        )
-        with torch.no_grad(), context:
+        with torch.no_grad(), mixed_call(row, model):
             forward(**step)
             times = []
             for _ in range(calls):
