@@ -42,11 +42,13 @@ from dataclasses import dataclass, field
 
 import torch
 from peft.tuners.lora import LoraLayer
+from tqdm.auto import tqdm
 
 from .dora import DoraScales, dora_adapters, dora_scales, refresh_dora_scales
+from .host_memory import host_empty
 from .peft_messages import BASE_ADAPTER_NAME
 from .storage_keys import register as _register_storage
-from .watched import is_watched, set_data_quietly, unwatch, watch, writes
+from .watched import data_quietly, is_watched, set_data_quietly, unwatch, watch, writes
 
 BASE_SLOT = -1
 """The slot id of a ``"__base__"`` row: no LoRA."""
@@ -112,11 +114,13 @@ class SiblingGroup:
     ----------
     a : torch.Tensor
         ``[R, in]``; per slot, every member's lora_A rows back to back.
+    offsets, ranks : list[int]
+        Per slot: where its rows start in ``a``, and all members' ranks of that slot summed (a GPU pool's group:
+        empty lists, its slots change with every swap).
     offsets_dev, ranks_dev : torch.Tensor
-        int32 ``[num_slots]``: where each slot's rows start in ``a``, and all members' ranks of that slot summed;
-        the rows of ``meta`` (int32 ``[2, num_slots]``).
+        The same as int32 ``[num_slots]``: the rows of ``meta`` (int32 ``[2, num_slots]``).
     max_rank : int
-        The largest summed rank.
+        The largest summed rank (a GPU pool's group: the largest any of its slots can hold).
 
     The leader (the first member called in a forward) shrinks against ``a`` and leaves the result in the call's
     plan (``PlanView.share_shrink``); a member called with the same input object reuses it and only runs its
@@ -125,14 +129,25 @@ class SiblingGroup:
     dynamo add an aliasing guard per member, checked in Python on every call.
     """
 
-    def __init__(self, a: torch.Tensor, offsets: list[int], ranks: list[int], size: int):
+    def __init__(
+        self,
+        a: torch.Tensor,
+        offsets: list[int],
+        ranks: list[int],
+        size: int,
+        meta: torch.Tensor | None = None,
+        max_rank: int | None = None,
+    ):
         self.a = a
         self.size = size  # how many layers share it
+        self.offsets, self.ranks = offsets, ranks
         # One int32 tensor for both: one allocation, and one address the kernels read (compiled graphs reach it
-        # through ``key`` only).
-        self.meta = torch.tensor([offsets, ranks], dtype=torch.int32, device=a.device)
+        # through ``key`` only). A GPU pool passes its own (``peft_fastlora.pool``), refilled on every swap.
+        if meta is None:
+            meta = torch.tensor([offsets, ranks], dtype=torch.int32, device=a.device)
+        self.meta = meta
         self.offsets_dev, self.ranks_dev = self.meta[0], self.meta[1]
-        self.max_rank = max(ranks, default=0)
+        self.max_rank = max(ranks, default=0) if max_rank is None else max_rank
         self.key = _register_storage(self)  # what compiled graphs name it by (see peft_fastlora.storage_keys)
 
     def shrink_operands(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -245,6 +260,7 @@ def pack(
     out_features: list[int],
     dtype: torch.dtype,
     device: torch.device | str,
+    pin_memory: bool = False,
 ) -> list[PackedLora]:
     """Copy the adapters of one layer, or of one sibling group (2+ layers reading one input), into new storage.
 
@@ -260,6 +276,8 @@ def pack(
         Per layer, its output size.
     dtype, device
         Of the storage.
+    pin_memory : bool
+        Page-lock host storage (``device`` the CPU), the source of a GPU pool's copies (``peft_fastlora.pool``).
 
     Returns
     -------
@@ -279,7 +297,7 @@ def pack(
                 rows += rank
                 b_rows[index] += rank
         group_ranks[slot] = rows - group_offsets[slot]
-    a = torch.empty(rows, in_features, dtype=dtype, device=device)
+    a = _empty(rows * in_features, dtype, device, pin_memory).view(rows, in_features)
     group = SiblingGroup(a, group_offsets, group_ranks, count) if count > 1 else None
     packs = []
     for index, adapters in enumerate(members):
@@ -293,7 +311,7 @@ def pack(
         rows_of_meta = [a_offsets[index], b_offsets[index], ranks[index], h_cols]
         scale_bits = torch.tensor(scales, dtype=torch.float32).view(torch.int32).tolist()  # (any default dtype)
         meta = torch.tensor([*rows_of_meta, scale_bits], dtype=torch.int32)
-        b = torch.empty(b_rows[index] * out_features[index], dtype=dtype, device=device)
+        b = _empty(b_rows[index] * out_features[index], dtype, device, pin_memory)
         packed = PackedLora(
             a, b, out_features[index], a_offsets[index], b_offsets[index], ranks[index], meta.to(a.device)
         )  # fmt: skip
@@ -307,6 +325,12 @@ def pack(
             packed.group_key, packed.group_max_rank = group.key, group.max_rank
         packs.append(packed)
     return packs
+
+
+def _empty(numel: int, dtype: torch.dtype, device: torch.device | str, pin_memory: bool) -> torch.Tensor:
+    if pin_memory:
+        return host_empty(numel, dtype, pin=True)
+    return torch.empty(numel, dtype=dtype, device=device)
 
 
 SIBLING_NAMES = (
@@ -369,7 +393,7 @@ def unsupported_adapters(layer: LoraLayer) -> dict[str, str]:
     return names
 
 
-def check_adapter_weights(layer: LoraLayer, layer_name: str, skip: dict[str, str]) -> None:
+def check_adapter_weights(layer: LoraLayer, layer_name: str, skip: dict[str, str], on_host: bool = False) -> None:
     """Raise a ValueError naming the adapter and the layer if an adapter's weights do not fit the layer (shapes) or
     sit on another device than its base weight. PEFT itself would fail later with a bare matmul or device error.
 
@@ -389,7 +413,8 @@ def check_adapter_weights(layer: LoraLayer, layer_name: str, skip: dict[str, str
                 f"({expected[0]} in, {expected[1]} out, one rank); reload the adapter."
             )
         for tensor in (a, b):
-            if tensor.device != base_weight.device:
+            # (With a GPU pool the stored adapters live on the host: ``on_host``.)
+            if tensor.device != base_weight.device and not (on_host and tensor.device.type == "cpu"):
                 raise ValueError(
                     f"{where} is on {tensor.device.type} but the layer's base weight is on {base_weight.device}; "
                     "move the model and its adapters to one device (e.g. model.to(device))."
@@ -457,6 +482,7 @@ class _Unit:
         self.layers = layers
         self.num_slots = num_slots  # the bank's slot count when packed
         self.placements: list[tuple] = []
+        self.packs: list[PackedLora] = []  # per layer, its storage (in host memory under a GPU pool)
         self.held: list[dict] = []  # the parameters the placements name, so that their ids stay unique
         self.scalings: list[tuple] = []  # per layer, per slot: the scaling in the stored scales
         # Per layer, a copy of PEFT's scaling dict where every value is a number (compared whole, in C), else None.
@@ -599,6 +625,10 @@ class AdapterBank:
         self._slot_names: dict[int, str] = {}
         self.groups: list[SiblingGroup] = []
         self._warned: set[tuple[str, str]] = set()
+        # A GPU pool (peft_fastlora.pool): set by patch_model before the first refresh, or None.
+        self.max_gpu_adapters: int | None = None
+        self.pool = None  # the AdapterPool, made on the first refresh under max_gpu_adapters
+        self.progressbar = False  # a tqdm bar while packing (patch_model's progressbar)
         self.refresh()
 
     @property
@@ -707,7 +737,9 @@ class AdapterBank:
         units += [[layer] for layer in self.fast_layers if id(layer) not in grouped]
         left_to_peft: set[tuple[str, str]] = set()
         kept: dict[tuple[int, ...], _Unit] = {}
-        for layers in units:
+        repacked = False
+        bar = tqdm(units, desc="peft_fastlora: packing adapters", disable=not self.progressbar, leave=False)
+        for layers in bar:
             key = tuple(map(id, layers))
             unit = self._units.pop(key, None)
             # A unit packed for fewer slots (a new adapter took a new slot), or left behind by a refresh that raised
@@ -715,6 +747,7 @@ class AdapterBank:
             if unit is None or unit.num_slots != self.num_slots or not unit.is_current():
                 unit = _Unit(layers, self.num_slots)
                 left_to_peft |= self._pack(unit)
+                repacked = True
             else:
                 self._update_scales(unit)
             self._refresh_dora(layers, named)
@@ -722,6 +755,8 @@ class AdapterBank:
             if len(layers) > 1:
                 self.groups.append(layers[0]._fastlora_packed.group)
         self._units = kept
+        if self.max_gpu_adapters is not None and (repacked or self.pool is None):
+            self._rebuild_pool()
         # Packing may have given an embedding's ParameterDict a watched _parameters dict (a new object): count
         # adapter names from the dicts that hold them now.
         self._name_dicts = _name_dicts(self.lora_layers)
@@ -735,10 +770,16 @@ class AdapterBank:
         """Copy the unit's served adapters into new storage and point their parameters at it; return the
         ``(adapter, reason)`` pairs left to PEFT's path."""
         parameters = [adapter_parameters(layer) for layer in unit.layers]
+        pooled = self.max_gpu_adapters is not None
         skipped, candidates = [], []
         for layer, params in zip(unit.layers, parameters, strict=True):
             skip = unsupported_adapters(layer)
-            check_adapter_weights(layer, self.layer_names.get(id(layer), type(layer).__name__), skip)
+            if pooled:
+                # DoRA's rescale is derived from the weights on every call, and kept per bank slot: not pooled.
+                # Left to PEFT's path (its own GPU tensors), so mixed batches naming them get PEFT's DoRA error.
+                skip.update(dict.fromkeys(dora_adapters(layer) - skip.keys(), "DoRA with max_gpu_adapters"))
+            name = self.layer_names.get(id(layer), type(layer).__name__)
+            check_adapter_weights(layer, name, skip, on_host=pooled)
             skipped.append(skip)
             candidates.append({name: pair for name, pair in params.items() if name not in skip})
         # One dtype per storage: the most common one among the adapters' lora_A. Adapters in another dtype (rare:
@@ -754,7 +795,10 @@ class AdapterBank:
             served = {name: pair for name, pair in weights.items() if name not in skip}
             members.append({self.slots[name]: (a, b, float(layer.scaling[name])) for name, (a, b) in served.items()})
         out_features = [layer.out_features for layer in unit.layers]
-        packs = pack(members, self.num_slots, unit.layers[0].in_features, out_features, dtype, base_weight.device)
+        # With a GPU pool the storage is in host memory (page-locked on a CUDA machine), the pool's copy source.
+        device = torch.device("cpu") if pooled else base_weight.device
+        pin = pooled and base_weight.device.type == "cuda"
+        packs = pack(members, self.num_slots, unit.layers[0].in_features, out_features, dtype, device, pin)
         left_to_peft = set()
         for layer, packed, served, skip, params in zip(unit.layers, packs, members, skipped, parameters, strict=True):
             for slot in served:
@@ -772,6 +816,7 @@ class AdapterBank:
             layer._fastlora_unsupported = set(skip)
             left_to_peft |= set(skip.items())
             unit.placements.append(_placement(layer))
+            unit.packs.append(packed)
             unit.held.append(params)
             unit.scalings.append(self._scalings(layer, served))
             unit.plain_scalings.append(_plain_copy(layer.scaling))
@@ -786,13 +831,14 @@ class AdapterBank:
 
     def _update_scales(self, unit: _Unit) -> None:
         """Rewrite the stored scales of layers whose PEFT scaling changed (``set_scale``, ``scale_layer``), in place
-        so that a captured CUDA graph reads the new values."""
+        so that a captured CUDA graph reads the new values (and the GPU pool's copies of them)."""
+        changed = False
         for index, layer in enumerate(unit.layers):
             plain = unit.plain_scalings[index]
             if plain is not None and layer.scaling == plain:
                 continue  # nothing changed (the common case: one dict comparison)
             unit.plain_scalings[index] = _plain_copy(layer.scaling)
-            packed = layer._fastlora_packed
+            packed = unit.packs[index]
             served = [slot for slot, rank in enumerate(packed.ranks) if rank]
             scalings = self._scalings(layer, served)
             if scalings != unit.scalings[index]:
@@ -801,14 +847,38 @@ class AdapterBank:
                     values[slot] = float(layer.scaling[self._slot_names[slot]])
                 packed.scales.copy_(torch.tensor(values, dtype=torch.float32))
                 unit.scalings[index] = scalings
+                changed = True
+        if changed and self.pool is not None:
+            self.pool.rescale(unit.packs, self.slots)
+
+    def _rebuild_pool(self) -> None:
+        """Give every fast layer new, empty GPU slots over the host storage just packed (``peft_fastlora.pool``)."""
+        from .pool import AdapterPool  # (it builds on this module)
+
+        units = list(self._units.values())
+
+        if self.pool is None:
+            device = units[0].layers[0].get_base_layer().weight.device if units else torch.device("cpu")
+            self.pool = AdapterPool(self.max_gpu_adapters, device)
+        for unit in units:  # the kernels read the pool from here on; drop the old device storage first
+            for layer, packed in zip(unit.layers, unit.packs, strict=True):
+                layer._fastlora_packed = packed
+        self.pool.rebuild([(unit.packs, unit.held) for unit in units], self._slot_names)
+        for unit, device_packs in zip(units, self.pool.device_packs(), strict=True):
+            for layer, pooled in zip(unit.layers, device_packs, strict=True):
+                layer._fastlora_packed = pooled
+        self.groups = [packs[0].group for packs in self.pool.device_packs() if packs[0].group is not None]
 
     def release(self, layer: LoraLayer) -> None:
         """Give ``layer``'s adapter parameters storage of their own again (contiguous copies of their values), as
         before the patch; the layer then holds nothing of the bank's storage."""
         with torch.inference_mode(False):  # as in refresh: the parameters must not become inference tensors
+            device = layer.get_base_layer().weight.device  # (a GPU pool's storage is on the host)
             for a, b in adapter_parameters(layer).values():
                 for parameter in (a, b):
-                    set_data_quietly(parameter, parameter.data.clone(memory_format=torch.contiguous_format))
+                    data = data_quietly(parameter)
+                    copy = data.to(device, copy=True, memory_format=torch.contiguous_format)
+                    set_data_quietly(parameter, copy)
             for name in adapter_parameters(layer):
                 for module, _ in _owners(layer, name):
                     unwatch(module)
@@ -829,5 +899,20 @@ class AdapterBank:
         )
 
     def slot_ids(self, adapter_names: list[str]) -> list[int]:
-        """Map names to slot ids, ``"__base__"`` to ``BASE_SLOT``. Names must be known (checked by the caller)."""
+        """Map names to the slot ids the kernels read, ``"__base__"`` to ``BASE_SLOT``. Names must be known (checked
+        by the caller). With a GPU pool these are GPU slots: the adapters are made resident first, and their slots
+        stay in use until ``release_slots``."""
+        if self.pool is not None:
+            placed = self.pool.place(adapter_names, self.slots)
+            return [placed[name] for name in adapter_names]
         return [BASE_SLOT if name == BASE_ADAPTER_NAME else self.slots[name] for name in adapter_names]
+
+    def release_slots(self, slot_ids: list[int]) -> None:
+        """The call that ``slot_ids`` served has ended (a GPU pool may evict its adapters again)."""
+        if self.pool is not None:
+            self.pool.release(set(slot_ids))
+
+    def slot_names(self) -> dict[int, str]:
+        """Slot id (as ``slot_ids`` gives it) → adapter name, ``BASE_SLOT`` → ``"__base__"``."""
+        names = self.pool.resident if self.pool is not None else self.slots
+        return {BASE_SLOT: BASE_ADAPTER_NAME, **{slot: name for name, slot in names.items()}}

@@ -24,9 +24,7 @@ from typing import Any
 import torch
 from peft.tuners.lora import layer as lora_layer
 
-from .bank import BASE_SLOT
 from .dora import apply_dora, dora_dtype
-from .peft_messages import BASE_ADAPTER_NAME
 
 PATCH_ATTRIBUTES = ("_fastlora_state", "_fastlora_key", "_fastlora_packed", "_fastlora_unsupported")
 """What ``patch_layer`` and the bank attach to a layer; none of it belongs in a copy or a pickle."""
@@ -58,8 +56,7 @@ class _FastLayer:
 
     def _row_names(self, view) -> list[str]:
         """The adapter name of each leading-dimension entry of ``view`` (one host sync; the autograd path only)."""
-        names = {slot: name for name, slot in self._fastlora_state.bank.slots.items()}
-        names[BASE_SLOT] = BASE_ADAPTER_NAME
+        names = self._fastlora_state.bank.slot_names()
         return [names[slot] for slot in view.row_slots.tolist()]
 
     def __reduce_ex__(self, protocol: int):

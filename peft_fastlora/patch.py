@@ -131,7 +131,7 @@ class PatchState:
     def __reduce__(self):
         # A copy (deepcopy, pickle, torch.save) gets a fresh patch of its own on its first call: the lock and the
         # thread-local cannot be copied, and the bank and plans belong to the original's layers and device.
-        return _PendingPatch, (self.backend_name,)
+        return _PendingPatch, (self.backend_name, self.bank.max_gpu_adapters)
 
 
 class _PendingPatch:
@@ -141,12 +141,15 @@ class _PendingPatch:
     ----------
     backend_name : str
         The backend the original was patched with (``"auto"`` picks again for wherever the copy now lives).
+    max_gpu_adapters : int or None
+        The original's GPU pool size (its adapters' weights, and so the copy's, are in host memory).
     """
 
     plan = None  # no call has run on the copy yet
 
-    def __init__(self, backend_name: str):
+    def __init__(self, backend_name: str, max_gpu_adapters: int | None = None):
         self.backend_name = backend_name
+        self.max_gpu_adapters = max_gpu_adapters
 
 
 _REPATCH_LOCK = threading.Lock()
@@ -240,7 +243,9 @@ def _sync_layers(
     return lora_layers, fast
 
 
-def patch_model(model: PeftModel, backend: str = "auto") -> PeftModel:
+def patch_model(
+    model: PeftModel, backend: str = "auto", max_gpu_adapters: int | None = None, progressbar: bool = False
+) -> PeftModel:
     """Make ``model``'s mixed-adapter batches fast, in place.
 
     After the patch, ``model(**inputs, adapter_names=[...])`` and ``model.generate(**inputs, adapter_names=[...])``
@@ -257,18 +262,27 @@ def patch_model(model: PeftModel, backend: str = "auto") -> PeftModel:
         Which kernels add the LoRA deltas. ``"auto"`` picks the fastest one that works on the model's device:
         ``"triton"`` on CUDA when Triton is installed (with a warning when it is not), else ``"torch"``.
         ``peft_fastlora.patch_info(model)`` tells which one serves the model and why.
+    max_gpu_adapters : int or None
+        Keep at most this many adapters' weights on the GPU (see ``peft_fastlora.pool``): every adapter's weights
+        move to (page-locked) host memory, PEFT's parameters included, and each call first copies in the adapters
+        it names that are not on the GPU, evicting the least recently used. A call may name at most this many
+        distinct adapters. None (the default): every adapter stays on the model's device.
+    progressbar : bool
+        Show a progress bar while the adapters are packed (on the patch, and on the first call after adapters were
+        added), as PEFT's ``merge_and_unload(progressbar=True)`` does.
 
     Returns
     -------
     peft.PeftModel
-        ``model`` itself. Patching twice is harmless; patching again with another backend switches backend.
+        ``model`` itself. Patching twice is harmless; patching again with another backend switches backend, and with
+        another ``max_gpu_adapters`` patches anew.
 
     Raises
     ------
     TypeError
         If ``model`` is neither a PeftModel holding LoRA adapters nor a transformers model with loaded adapters.
     ValueError
-        If it has no LoRA layers, or ``backend`` is not a backend name.
+        If it has no LoRA layers, ``backend`` is not a backend name, or ``max_gpu_adapters`` is not a positive int.
     RuntimeError
         If the backend cannot run here.
 
@@ -279,12 +293,20 @@ def patch_model(model: PeftModel, backend: str = "auto") -> PeftModel:
     takes the packed path. Copies (``copy.deepcopy``, ``pickle``, ``torch.save``) re-patch themselves on their first
     call.
     """
+    if max_gpu_adapters is not None and (
+        not isinstance(max_gpu_adapters, int) or isinstance(max_gpu_adapters, bool) or max_gpu_adapters < 1
+    ):
+        raise ValueError(f"max_gpu_adapters must be a positive int or None, got {max_gpu_adapters!r}")
     lora_model = _lora_root(model)
     if "_fastlora_state" in lora_model.__dict__:
-        _switch_backend(_patch_state(lora_model), backend)
-        return model
+        state = _patch_state(lora_model)
+        if state.bank.max_gpu_adapters == max_gpu_adapters:
+            _switch_backend(state, backend)
+            state.bank.progressbar = progressbar
+            return model
+        unpatch_model(model)  # the storage moves between host and GPU: patch anew
     _remove_leaked_peft_hooks(lora_model)
-    state = _new_state(lora_model, backend, warn=True)
+    state = _new_state(lora_model, backend, warn=True, max_gpu_adapters=max_gpu_adapters, progressbar=progressbar)
     if isinstance(lora_model, LoraModel):
         # An instance attribute shadows LoraModel's method for this model only; PeftModel calls it by name.
         lora_model._enable_peft_forward_hooks = functools.partial(_mixed_batch_context, lora_model)
@@ -315,7 +337,13 @@ def _switch_backend(state: PatchState, backend: str) -> None:
         state.backend_name = backend
 
 
-def _new_state(lora_model: torch.nn.Module, backend: str, warn: bool = False) -> PatchState:
+def _new_state(
+    lora_model: torch.nn.Module,
+    backend: str,
+    warn: bool = False,
+    max_gpu_adapters: int | None = None,
+    progressbar: bool = False,
+) -> PatchState:
     """Patch ``lora_model``'s layers and attach a patch state (bank packed, plan empty); return the state.
 
     A PeftModel that re-wraps the base of a patched one (``PeftModel.from_pretrained(m1.get_base_model(), ...)``)
@@ -341,6 +369,8 @@ def _new_state(lora_model: torch.nn.Module, backend: str, warn: bool = False) ->
         if not is_fast_layer(layer):
             patch_layer(layer, state)
     _, state.bank.fast_layers = _sync_layers(lora_model, state)  # again, now that the state exists: sibling groups
+    if not states:
+        state.bank.max_gpu_adapters, state.bank.progressbar = max_gpu_adapters, progressbar
     state.bank.refresh()
     lora_model._fastlora_state = state
     return state
@@ -353,7 +383,7 @@ def _patch_state(lora_model: torch.nn.Module) -> PatchState:
         with _REPATCH_LOCK:
             state = lora_model.__dict__["_fastlora_state"]
             if isinstance(state, _PendingPatch):
-                state = _new_state(lora_model, state.backend_name)
+                state = _new_state(lora_model, state.backend_name, max_gpu_adapters=state.max_gpu_adapters)
     return state
 
 
@@ -499,6 +529,8 @@ def _mixed_batch_context(lora_model: torch.nn.Module, *args, **kwargs):
     is held only while the bank and the layer list are brought up to date and while a plan is taken."""
     state = _patch_state(lora_model)
     adapter_names = kwargs.get("adapter_names")
+    if adapter_names is None and state.bank.max_gpu_adapters is not None and state.plan is None:
+        adapter_names = _active_adapter_rows(lora_model, state.bank, args, kwargs)
     if adapter_names is None or kwargs.get("alora_offsets") is not None:
         if isinstance(lora_model, LoraModel):
             with LoraModel._enable_peft_forward_hooks(lora_model, *args, **kwargs):
@@ -520,54 +552,87 @@ def _mixed_batch_context(lora_model: torch.nn.Module, *args, **kwargs):
         bank.refresh(set(names))
         _refuse_dora_left_to_peft(bank, set(names))
         slots = bank.slot_ids(names)
-    expand = _expand_size(lora_model, kwargs)
-    local = state._local
-    outer, outer_hooks = getattr(local, "plan", None), getattr(local, "peft_hooks", False)
-    outer_state = getattr(ACTIVE, "state", None)
-    plan = state.take_plan()
-    handles = []
     try:
-        plan.fill(slots, expand)  # this call's plan alone: no lock needed
-        expanded_names = [name for name in names for _ in range(expand)]
-        handles += [
-            module.register_forward_pre_hook(
-                functools.partial(_inject_adapter_names, state=state, plan=plan, adapter_names=expanded_names),
-                with_kwargs=True,
-            )
-            for module in _peft_path_modules(
-                [*bank.fast_layers, *bank.peft_served] if bank.left_to_peft & set(names) else bank.peft_served,
-                set(names),
-            )
-        ]
-        encoder = _encoder(_inner_model(lora_model))
-        if expand > 1 and encoder is not None:
-            # The encoder runs on the rows before expansion (as in PEFT): hook its modules again with the originals.
+        expand = _expand_size(lora_model, kwargs)
+        local = state._local
+        outer, outer_hooks = getattr(local, "plan", None), getattr(local, "peft_hooks", False)
+        outer_state = getattr(ACTIVE, "state", None)
+        plan = state.take_plan()
+        handles = []
+        try:
+            plan.fill(slots, expand)  # this call's plan alone: no lock needed
+            expanded_names = [name for name in names for _ in range(expand)]
             handles += [
                 module.register_forward_pre_hook(
-                    functools.partial(_inject_adapter_names, state=state, plan=plan, adapter_names=names),
+                    functools.partial(_inject_adapter_names, state=state, plan=plan, adapter_names=expanded_names),
                     with_kwargs=True,
                 )
-                for module in _peft_path_modules(encoder.modules(), set(names))
+                for module in _peft_path_modules(
+                    [*bank.fast_layers, *bank.peft_served] if bank.left_to_peft & set(names) else bank.peft_served,
+                    set(names),
+                )
             ]
-        local.plan, local.peft_hooks = plan, bool(handles)
-        ACTIVE.state = state
-        if handles:
-            # PEFT-path modules get their names through forward hooks, and dynamo by default does not guard on
-            # hooks: a graph compiled with another call's hooks would be replayed silently, so guard on them.
-            with _hook_guards():
+            encoder = _encoder(_inner_model(lora_model))
+            if expand > 1 and encoder is not None:
+                # The encoder runs on the rows before expansion (as in PEFT): hook its modules again with the
+                # originals.
+                handles += [
+                    module.register_forward_pre_hook(
+                        functools.partial(_inject_adapter_names, state=state, plan=plan, adapter_names=names),
+                        with_kwargs=True,
+                    )
+                    for module in _peft_path_modules(encoder.modules(), set(names))
+                ]
+            local.plan, local.peft_hooks = plan, bool(handles)
+            ACTIVE.state = state
+            if handles:
+                # PEFT-path modules get their names through forward hooks, and dynamo by default does not guard on
+                # hooks: a graph compiled with another call's hooks would be replayed silently, so guard on them.
+                with _hook_guards():
+                    yield
+            else:
+                # No hooks: hook guards on ~1,500 modules would cost ~2 ms of host time per compiled decode step. A
+                # graph compiled here is still never replayed for a call with hooks: the fast layers read
+                # state.peft_hooks, which dynamo guards on.
                 yield
-        else:
-            # No hooks: hook guards on ~1,500 modules would cost ~2 ms of host time per compiled decode step. A
-            # graph compiled here is still never replayed for a call with hooks: the fast layers read
-            # state.peft_hooks, which dynamo guards on.
-            yield
+        finally:
+            local.plan, local.peft_hooks = outer, outer_hooks
+            ACTIVE.state = outer_state
+            plan.forget_shrinks()
+            for handle in handles:
+                handle.remove()
+            state.give_back(plan)
     finally:
-        local.plan, local.peft_hooks = outer, outer_hooks
-        ACTIVE.state = outer_state
-        plan.forget_shrinks()
-        for handle in handles:
-            handle.remove()
-        state.give_back(plan)
+        bank.release_slots(slots)  # (a GPU pool may evict this call's adapters again)
+
+
+def _active_adapter_rows(lora_model: torch.nn.Module, bank: AdapterBank, args: tuple, kwargs: dict) -> list | None:
+    """Under a GPU pool, a plain call (no ``adapter_names``) as a mixed call with the active adapter on every row, or
+    None to leave it to PEFT (adapters disabled, a DoRA adapter, no batch found).
+
+    The pool keeps the adapters' weights in host memory, where PEFT's own forward cannot use them; the active
+    adapter is served through the pool instead, with the same result."""
+    fast = bank.fast_layers
+    if not fast or fast[0].disable_adapters:
+        return None
+    active = lora_model.active_adapters
+    active = active() if callable(active) else active  # (a method on a transformers model)
+    if isinstance(active, str):
+        active = [active]
+    if len(active) != 1:
+        raise ValueError(
+            f"peft_fastlora: with max_gpu_adapters, a call without adapter_names serves one active adapter, but "
+            f"{list(active)} are active; pass adapter_names=[...] or set_adapter one of them."
+        )
+    name = active[0]
+    if any(layer.use_dora.get(name, False) for layer in bank.lora_layers):
+        return None  # DoRA adapters are not pooled: PEFT serves them from their own tensors
+    inputs = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+    if inputs is None and args and isinstance(args[0], torch.Tensor):
+        inputs = args[0]
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() == 0:
+        return None
+    return [name] * inputs.shape[0]
 
 
 @functools.cache

@@ -33,6 +33,7 @@ import torch
 
 _COUNTER = itertools.count(1)  # next() is atomic under the GIL: writes from several threads are each counted
 _WRITES = [0]
+_DATA_READS = [0]
 _tensor_data = torch._C.TensorBase.data  # the C getset descriptor behind ``Tensor.data``
 
 
@@ -45,18 +46,32 @@ def writes() -> int:
     return _WRITES[0]
 
 
+def data_reads() -> int:
+    """How many times a stored parameter's ``.data`` has been read. ``param.data`` is how code edits a parameter in
+    place without autograd's version counter seeing it (``param.data.copy_``, PEFT's hotswap), so a GPU pool that
+    keeps copies of the weights treats each read as a possible write (see ``peft_fastlora.pool``)."""
+    return _DATA_READS[0]
+
+
+def data_quietly(parameter: torch.Tensor) -> torch.Tensor:
+    """``parameter.data`` without counting it (the bank's own reads)."""
+    return _tensor_data.__get__(parameter)
+
+
 def set_data_quietly(parameter: torch.Tensor, data: torch.Tensor) -> None:
     """``parameter.data = data`` without counting it: the bank's own repointing of a parameter at its rows."""
     _tensor_data.__set__(parameter, data)
 
 
 class BankParameter(torch.nn.Parameter):
-    """A ``torch.nn.Parameter`` whose storage is the bank's; ``param.data = tensor`` is counted (see ``writes``).
+    """A ``torch.nn.Parameter`` whose storage is the bank's; ``param.data = tensor`` is counted (see ``writes``), and
+    so is every read of ``param.data`` (see ``data_reads``).
 
     Everything else is ``Parameter``'s own. A deep copy is a plain ``Parameter`` (pickling already gives one)."""
 
     @property
     def data(self) -> torch.Tensor:
+        _DATA_READS[0] += 1  # (a lost increment under a race still leaves the count moved)
         return _tensor_data.__get__(self)
 
     @data.setter
