@@ -45,48 +45,49 @@ _GROUP_ROWS = 2  # a SiblingGroup's meta: offsets, ranks
 
 
 class _PooledUnit:
-    """One packed unit's GPU slots: device copies of the layout of ``host`` (the unit's packs in host memory), with
-    ``capacity`` fixed-size slots, and host mirrors of the device metadata.
+    """One packed unit's GPU slots: ``capacity`` fixed-size slots over the layout of ``host`` (the unit's packs in
+    host memory), and a host mirror of the device metadata.
 
-    Slot ``g`` of a layer owns lora_A rows ``g * cap`` onwards (``cap``: the unit's largest rank, summed over
-    siblings) and lora_B elements ``g * b_cap * out`` onwards (``b_cap``: the layer's largest rank)."""
+    Every slot of a layer is padded to the layer's largest rank ``cap`` (over every adapter registered): lora_A rows
+    ``g * group_cap + inner`` onwards (``inner``: the caps of the sibling members before it), and lora_B as an
+    ``[out, cap]`` block from element ``g * cap * out``, the columns past the adapter's rank zeroed (as are the rows
+    of A: they add exactly nothing). So every offset, rank and column of the metadata is fixed; a swap changes only
+    the weights and the slot's scale (0 where the layer lacks the adapter). Nothing the compiled graph reads of the
+    layer, Python values included, changes with a swap."""
 
     def __init__(
         self, host: list[PackedLora], capacity: int, device: torch.device, meta: torch.Tensor, mirror: np.ndarray
     ):
         self.host = host
-        group = host[0].group
-        self.group_cap = group.max_rank if group is not None else host[0].max_rank
-        in_features = host[0].a.shape[1]
-        dtype = host[0].dtype
-        a = torch.empty(capacity * self.group_cap, in_features, dtype=dtype, device=device)
+        self.caps = [packed.max_rank for packed in host]
+        self.inner = [sum(self.caps[:index]) for index in range(len(host))]
+        self.group_cap = sum(self.caps)
+        slots = np.arange(capacity)
+        a = torch.empty(capacity * self.group_cap, host[0].a.shape[1], dtype=host[0].dtype, device=device)
         used = 0
-        self.group_mirror = None
         self.device_group = None
-        if group is not None:
-            self.group_mirror = mirror[used : used + _GROUP_ROWS * capacity].reshape(_GROUP_ROWS, capacity)
-            self.group_mirror[0] = np.arange(capacity) * self.group_cap
-            self.group_mirror[1] = 0
+        if host[0].group is not None:
             group_meta = meta[used : used + _GROUP_ROWS * capacity].view(_GROUP_ROWS, capacity)
+            group_mirror = mirror[used : used + _GROUP_ROWS * capacity].reshape(_GROUP_ROWS, capacity)
+            group_mirror[0], group_mirror[1] = slots * self.group_cap, self.group_cap
             used += _GROUP_ROWS * capacity
             self.device_group = SiblingGroup(a, [], [], len(host), meta=group_meta, max_rank=self.group_cap)
         self.device: list[PackedLora] = []
-        self.mirrors: list[np.ndarray] = []
-        for packed in host:
-            b = torch.empty(capacity * packed.max_rank * packed.out_features, dtype=dtype, device=device)
+        self.scale_mirrors: list[np.ndarray] = []
+        for packed, cap, inner in zip(host, self.caps, self.inner, strict=True):
+            b = torch.empty(capacity * cap * packed.out_features, dtype=packed.dtype, device=device)
             view = meta[used : used + _META_ROWS * capacity].view(_META_ROWS, capacity)
-            mirror_view = mirror[used : used + _META_ROWS * capacity].reshape(_META_ROWS, capacity)
+            rows = mirror[used : used + _META_ROWS * capacity].reshape(_META_ROWS, capacity)
             used += _META_ROWS * capacity
-            mirror_view[:] = 0
-            mirror_view[1] = np.arange(capacity) * packed.max_rank
-            zeros = [0] * capacity
-            pooled = PackedLora(a, b, packed.out_features, list(zeros), mirror_view[1].tolist(), list(zeros), view)
-            pooled.max_rank = packed.max_rank  # (its ranks are all 0 until an adapter is copied in)
+            rows[0], rows[1], rows[2] = slots * self.group_cap + inner, slots * cap, cap
+            rows[3] = inner if self.device_group is not None else 0
+            rows[4] = 0
+            pooled = PackedLora(a, b, packed.out_features, rows[0].tolist(), rows[1].tolist(), rows[2].tolist(), view)
             if self.device_group is not None:
                 pooled.group, pooled.leader, pooled.last = self.device_group, packed.leader, packed.last
                 pooled.group_key, pooled.group_max_rank = self.device_group.key, self.group_cap
             self.device.append(pooled)
-            self.mirrors.append(mirror_view)
+            self.scale_mirrors.append(rows[4])
         self.meta_size = used
 
     @staticmethod
@@ -95,45 +96,48 @@ class _PooledUnit:
 
     def copy_in(self, slot: int, gpu_slot: int) -> int:
         """Copy bank slot ``slot``'s adapter of every layer of the unit into GPU slot ``gpu_slot`` (enqueued on the
-        current stream) and write its metadata into the mirrors; returns the bytes copied."""
+        current stream, padding zeroed) and mirror its scales; returns the bytes copied from the host."""
         copied = 0
         group = self.host[0].group
         a_start = gpu_slot * self.group_cap
-        if group is not None:
-            rows = group.ranks[slot]
-            if rows:
-                source = group.a[group.offsets[slot] : group.offsets[slot] + rows]
-                self.device_group.a[a_start : a_start + rows].copy_(source, non_blocking=True)
-                copied += source.numel() * source.element_size()
-            self.group_mirror[1, gpu_slot] = rows
-        for packed, pooled, mirror in zip(self.host, self.device, self.mirrors, strict=True):
-            rank, out = packed.ranks[slot], packed.out_features
-            column = mirror[:, gpu_slot]
-            pooled.ranks[gpu_slot] = column[2] = rank
-            if not rank:
-                column[4] = column[3] = 0
-                continue
-            if group is None:
-                source = packed.a[packed.a_offsets[slot] : packed.a_offsets[slot] + rank]
-                pooled.a[a_start : a_start + rank].copy_(source, non_blocking=True)
-                copied += source.numel() * source.element_size()
-                inner = 0
-            else:
-                inner = packed.a_offsets[slot] - group.offsets[slot]
-            pooled.a_offsets[gpu_slot] = column[0] = a_start + inner
-            column[3] = inner
-            b_start = packed.b_offsets[slot] * out
-            source = packed.b[b_start : b_start + rank * out]
-            first = pooled.b_offsets[gpu_slot] * out
-            pooled.b[first : first + rank * out].copy_(source, non_blocking=True)
+        whole = group is not None and all(
+            packed.ranks[slot] == cap for packed, cap in zip(self.host, self.caps, strict=True)
+        )
+        if whole:  # every member at its cap: the group's rows of this slot are one block, as on the device
+            source = group.a[group.offsets[slot] : group.offsets[slot] + group.ranks[slot]]
+            self.device[0].a[a_start : a_start + self.group_cap].copy_(source, non_blocking=True)
             copied += source.numel() * source.element_size()
-            column[4] = packed.meta[4, slot].item()  # the scale's fp32 bits
+        for packed, pooled, cap, inner, scales in zip(
+            self.host, self.device, self.caps, self.inner, self.scale_mirrors, strict=True
+        ):
+            rank, out = packed.ranks[slot], packed.out_features
+            rows = pooled.a[a_start + inner : a_start + inner + cap]
+            b = pooled.b[gpu_slot * cap * out : (gpu_slot + 1) * cap * out].view(out, cap)
+            if not rank:  # the layer lacks this adapter: it adds nothing (zeros, so no stale value can leak)
+                rows.zero_()
+                b.zero_()
+                scales[gpu_slot] = 0
+                continue
+            if not whole:
+                source = packed.a[packed.a_offsets[slot] : packed.a_offsets[slot] + rank]
+                rows[:rank].copy_(source, non_blocking=True)
+                rows[rank:].zero_()
+                copied += source.numel() * source.element_size()
+            b_start = packed.b_offsets[slot] * out
+            source = packed.b[b_start : b_start + rank * out].view(out, rank)
+            if rank == cap:
+                b.copy_(source, non_blocking=True)
+            else:
+                b[:, :rank].copy_(source, non_blocking=True)
+                b[:, rank:].zero_()
+            copied += source.numel() * source.element_size()
+            scales[gpu_slot] = packed.meta[4, slot].item()  # the scale's fp32 bits
         return copied
 
     def rescale(self, slot: int, gpu_slot: int) -> None:
         """Rewrite the mirrored scale of GPU slot ``gpu_slot`` from bank slot ``slot``'s host value."""
-        for packed, mirror in zip(self.host, self.mirrors, strict=True):
-            mirror[4, gpu_slot] = packed.meta[4, slot].item() if packed.ranks[slot] else 0
+        for packed, scales in zip(self.host, self.scale_mirrors, strict=True):
+            scales[gpu_slot] = packed.meta[4, slot].item() if packed.ranks[slot] else 0
 
 
 class AdapterPool:
@@ -164,7 +168,6 @@ class AdapterPool:
         self._versions: dict[str, int] = {}  # name → its parameters' version sum when copied in
         self._parameters: dict[str, list[torch.Tensor]] = {}
         self._in_use = [0] * capacity  # per GPU slot: calls in flight that read it
-        self._free = list(range(capacity))
         self._data_reads = data_reads()
         self._meta: torch.Tensor | None = None
         self._mirror_tensor: torch.Tensor | None = None
@@ -180,7 +183,6 @@ class AdapterPool:
         self._meta = self._mirror_tensor = None
         self.resident.clear()
         self._versions.clear()
-        self._free = [slot for slot in range(self.capacity) if not self._in_use[slot]]
         size = sum(_PooledUnit.meta_size_for(host, self.capacity) for host, _ in units)
         self._meta = torch.zeros(max(size, 1), dtype=torch.int32, device=self.device)
         self._mirror_tensor = torch.zeros(max(size, 1), dtype=torch.int32, pin_memory=self.pin)
@@ -232,8 +234,8 @@ class AdapterPool:
                 "can hold on the GPU at once; split the batch or patch with a larger max_gpu_adapters."
             )
         if data_reads() != self._data_reads:
-            # A stored parameter's .data was read: it may have been edited in place unseen. Copy everything anew.
-            self.resident.clear()
+            # A stored parameter's .data was read: it may have been edited in place unseen. Copy each anew when
+            # next named (no recorded version matches).
             self._versions.clear()
             self._data_reads = data_reads()
         missing = []
@@ -248,8 +250,10 @@ class AdapterPool:
         reusable = [self.resident[name] for name in self.resident if name not in keep and not self._busy(name)]
         targets = [self.resident[name] for name in missing if name in self.resident and not self._busy(name)]
         stale_busy = [name for name in missing if name in self.resident and self._busy(name)]
+        taken = set(self.resident.values())
+        free = [gpu_slot for gpu_slot in range(self.capacity) if gpu_slot not in taken and not self._in_use[gpu_slot]]
         needed = len(missing) - len(targets)
-        if needed > len(self._free) + len(reusable) or stale_busy:
+        if needed > len(free) + len(reusable) or stale_busy:
             raise ValueError(
                 f"This call needs {len(missing)} adapters copied to the GPU, but calls in flight on other threads "
                 f"hold the GPU slots (max_gpu_adapters={self.capacity}); wait for them or raise max_gpu_adapters."
@@ -261,8 +265,8 @@ class AdapterPool:
         for name in missing:
             gpu_slot = self.resident.pop(name, None)
             if gpu_slot is None or self._busy_slot(gpu_slot):
-                if self._free:
-                    gpu_slot = self._free.pop(0)
+                if free:
+                    gpu_slot = free.pop(0)
                 else:
                     gpu_slot = reusable.pop(0)
                     evicted = by_slot[gpu_slot]
