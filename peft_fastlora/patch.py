@@ -282,7 +282,8 @@ def patch_model(
     TypeError
         If ``model`` is neither a PeftModel holding LoRA adapters nor a transformers model with loaded adapters.
     ValueError
-        If it has no LoRA layers, ``backend`` is not a backend name, or ``max_gpu_adapters`` is not a positive int.
+        If it has no LoRA layers, ``backend`` is not a backend name, or ``max_gpu_adapters`` is not a positive int
+        (or is given for a model split over several devices).
     RuntimeError
         If the backend cannot run here.
 
@@ -298,6 +299,13 @@ def patch_model(
     ):
         raise ValueError(f"max_gpu_adapters must be a positive int or None, got {max_gpu_adapters!r}")
     lora_model = _lora_root(model)
+    if max_gpu_adapters is not None:
+        layers = [module for module in lora_model.modules() if isinstance(module, LoraLayer)]
+        devices = {str(layer.get_base_layer().weight.device) for layer in layers}
+        if len(devices) > 1:
+            raise ValueError(
+                f"max_gpu_adapters needs the model's LoRA layers on one device; they are on {sorted(devices)}."
+            )
     if "_fastlora_state" in lora_model.__dict__:
         state = _patch_state(lora_model)
         if state.bank.max_gpu_adapters == max_gpu_adapters:

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Device run A (session 28): the GPU suite on the adapter pool (issue 15: bank, layers and patch changed), in four
+# processes (FlashInfer's with /tmp/site), then the pool benchmark in eager mode (1000 adapters, K = 64, Zipf 1.0).
+set -u
+export PYTHONPATH=.:benchmarks PYTHONUNBUFFERED=1
+export TORCHINDUCTOR_CACHE_DIR=$PWD/build/bench_cache/inductor TRITON_CACHE_DIR=$PWD/build/bench_cache/triton
+export FLASHINFER_WORKSPACE_BASE=/tmp/fiws
+START=$SECONDS
+echo "commit ${FASTLORA_COMMIT:-?}" > $OUT/runA.txt
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader >> $OUT/runA.txt
+free -g | head -2 >> $OUT/runA.txt
+( python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .stage/wheels/apache_tvm_ffi-*.whl \
+  && tar -xJf .stage/wheels/flashinfer_trimmed.tar.xz -C /tmp/site ) > $OUT/fi_install.log 2>&1
+PT="python -m pytest -m gpu -o addopts= -q -p no:cacheprovider -rfs --durations=5 -o faulthandler_timeout=200"
+( timeout 250 $PT tests/test_pool.py -s > $OUT/gpu_p.txt 2>&1; echo "rc=$?" >> $OUT/gpu_p.txt ) &
+( PYTHONPATH=/tmp/site:.:benchmarks timeout 250 $PT tests/test_flashinfer.py > $OUT/gpu_c.txt 2>&1; echo "rc=$?" >> $OUT/gpu_c.txt ) &
+( timeout 250 $PT tests/test_direct_launch.py tests/test_kernel_limits.py tests/test_compile.py tests/test_storage.py \
+    tests/test_bad_input.py tests/test_kernels.py tests/test_siblings.py tests/test_per_call_check.py > $OUT/gpu_a.txt 2>&1; echo "rc=$?" >> $OUT/gpu_a.txt ) &
+( timeout 250 $PT tests/test_oracle.py tests/test_dora.py tests/test_variants.py tests/test_quantized.py tests/test_calls.py \
+    tests/test_concurrency.py > $OUT/gpu_b.txt 2>&1; echo "rc=$?" >> $OUT/gpu_b.txt;
+  FUZZ_NO_SHRINK=1 timeout 60 $PT tests/test_fuzz.py >> $OUT/gpu_b.txt 2>&1; echo "rc=$?" >> $OUT/gpu_b.txt ) &
+wait
+echo "=== tests done at $((SECONDS-START)) s" >> $OUT/runA.txt
+for f in p a b c; do grep -E "passed|failed|error|^FAILED|^ERROR|^SKIPPED|rc=|pool .* vs fp32|adapters .* bytes" $OUT/gpu_$f.txt | tail -n 14 >> $OUT/runA.txt; done
+LEFT=$((560 - (SECONDS-START)))
+timeout $LEFT python benchmarks/bench_pool.py --adapters 1000 --capacity 64 --mode eager --repeats 5 --warm 12 \
+    --backend triton --out $OUT/poolA_eager.json > $OUT/poolA_eager.log 2>&1
+echo "=== pool eager rc=$? at $((SECONDS-START)) s" >> $OUT/runA.txt
+grep -v Warn $OUT/poolA_eager.log | tail -n 30 >> $OUT/runA.txt
+free -g | head -2 >> $OUT/runA.txt
+cat $OUT/runA.txt
