@@ -713,6 +713,8 @@ class AdapterBank:
                     self._snapshot = _Snapshot(counted, written, self.lora_layers, self.fast_layers)
                 except KeyError:  # a variant keeps its weights elsewhere: check unit by unit on every call
                     self._snapshot = None
+            if self.max_gpu_adapters is not None and self._pool_outdated():
+                self._rebuild_pool()
 
     def _refresh_values(self, named: set[str] | None) -> None:
         """The per-call refresh while the snapshot holds: every parameter is still a view of the storage, so
@@ -755,7 +757,7 @@ class AdapterBank:
             if len(layers) > 1:
                 self.groups.append(layers[0]._fastlora_packed.group)
         self._units = kept
-        if self.max_gpu_adapters is not None and (repacked or self.pool is None):
+        if self.max_gpu_adapters is not None and repacked:
             self._rebuild_pool()
         # Packing may have given an embedding's ParameterDict a watched _parameters dict (a new object): count
         # adapter names from the dicts that hold them now.
@@ -851,19 +853,26 @@ class AdapterBank:
         if changed and self.pool is not None:
             self.pool.rescale(unit.packs, self.slots)
 
+    def _pool_outdated(self) -> bool:
+        """Whether there is no pool yet, or it is of another size (``patch_model`` resized it) or on another device
+        than the model (``model.to``, which moves no host storage, so repacks nothing)."""
+        if self.pool is None:
+            return True
+        device = self.fast_layers[0].get_base_layer().weight.device if self.fast_layers else self.pool.device
+        return self.pool.capacity != self.max_gpu_adapters or self.pool.device != device
+
     def _rebuild_pool(self) -> None:
-        """Give every fast layer new, empty GPU slots over the host storage just packed (``peft_fastlora.pool``)."""
+        """Give every fast layer new GPU slots over the host storage just packed (``peft_fastlora.pool``)."""
         from .pool import AdapterPool  # (it builds on this module)
 
         units = list(self._units.values())
-
-        if self.pool is None:
-            device = units[0].layers[0].get_base_layer().weight.device if units else torch.device("cpu")
-            self.pool = AdapterPool(self.max_gpu_adapters, device)
+        device = units[0].layers[0].get_base_layer().weight.device if units else torch.device("cpu")
+        if self.pool is None or self.pool.device != device or self.pool.capacity != self.max_gpu_adapters:
+            self.pool = AdapterPool(self.max_gpu_adapters, device)  # (the first, after model.to, or resized)
         for unit in units:  # the kernels read the pool from here on; drop the old device storage first
             for layer, packed in zip(unit.layers, unit.packs, strict=True):
                 layer._fastlora_packed = packed
-        self.pool.rebuild([(unit.packs, unit.held) for unit in units], self._slot_names)
+        self.pool.rebuild([(unit.packs, unit.held) for unit in units], self.slots)
         for unit, device_packs in zip(units, self.pool.device_packs(), strict=True):
             for layer, pooled in zip(unit.layers, device_packs, strict=True):
                 layer._fastlora_packed = pooled

@@ -44,15 +44,30 @@ each layer adds only an int comparison."""
 class _FastLayer:
     """What every fast layer class shares: the autograd fallback and pickling as PEFT's own class."""
 
-    def _needs_autograd(self, x: torch.Tensor) -> bool:
+    def _needs_autograd(self, x: torch.Tensor, state) -> bool:
         """True where autograd must record this layer: grad mode is on and the input, an adapter weight or the
-        base weight requires grad."""
+        base weight requires grad.
+
+        Raises
+        ------
+        RuntimeError
+            There, under a GPU pool (``state.pooled``): the adapters' weights are in host memory, where PEFT's path
+            (the only one with a backward) cannot read them."""
         if not torch.is_grad_enabled():
             return False
-        if x.requires_grad or getattr(self.get_base_layer().weight, "requires_grad", False):
-            return True
-        parts = (self.lora_A, self.lora_B, self.lora_embedding_A, self.lora_embedding_B, self.lora_magnitude_vector)
-        return any(parameter.requires_grad for part in parts for parameter in part.parameters())
+        if not (x.requires_grad or getattr(self.get_base_layer().weight, "requires_grad", False)):
+            parts = (
+                self.lora_A, self.lora_B, self.lora_embedding_A, self.lora_embedding_B, self.lora_magnitude_vector
+            )  # fmt: skip
+            if not any(parameter.requires_grad for part in parts for parameter in part.parameters()):
+                return False
+        if state.pooled:
+            raise RuntimeError(
+                "peft_fastlora: with max_gpu_adapters the adapters' weights are in host memory and a forward that "
+                "records gradients cannot use them; run it under torch.no_grad() (generate does), or unpatch_model "
+                "to train."
+            )
+        return True
 
     def _row_names(self, view) -> list[str]:
         """The adapter name of each leading-dimension entry of ``view`` (one host sync; the autograd path only)."""
@@ -79,13 +94,22 @@ class FastLinearMixin(_FastLayer):
         plan = state.plan
         # Only PEFT's hooks (state.peft_hooks) hand a layer adapter_names inside a mixed call; reading the flag here
         # makes dynamo guard on it, so a graph compiled without hooks is not replayed for a call with them.
-        if plan is None or self.disable_adapters or (state.peft_hooks and "adapter_names" in kwargs):
+        if plan is None or self.disable_adapters:
+            return super().forward(x, *args, **kwargs)
+        peft_rows = state.peft_hooks and "adapter_names" in kwargs
+        if peft_rows and not state.pooled:
             return super().forward(x, *args, **kwargs)
         tokens = x.shape[1:-1].numel() if x.dim() > 2 else None  # [B, S, H]: S tokens per row (see BatchPlan.view)
         view = plan.view(x.shape[0], flattened=x.dim() == 2, device=x.device, tokens_per_row=tokens)
-        if self._needs_autograd(x):
+        if self._needs_autograd(x, state):
             return super().forward(x, *args, adapter_names=self._row_names(view), **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
+        if peft_rows:
+            # Under a GPU pool the packed adapters' weights are in host memory, out of PEFT's reach: PEFT computes
+            # the rows of the adapters it serves here (the hook named every other row "__base__"), the kernels the
+            # rest (the adapters PEFT serves have rank 0 in this layer's slots).
+            result = super().forward(x, *args, **kwargs)
+        else:
+            result = self.base_layer(x, *args, **kwargs)
         packed = self._fastlora_packed
         if packed.dora is None:
             state.backend.add_lora(result, x, packed, view)
@@ -105,13 +129,17 @@ class FastEmbeddingMixin(_FastLayer):
         if state is None or state.key != self._fastlora_key:
             return super().forward(x, *args, **kwargs)
         plan = state.plan
-        if plan is None or self.disable_adapters or (state.peft_hooks and "adapter_names" in kwargs):
+        if plan is None or self.disable_adapters:
+            return super().forward(x, *args, **kwargs)
+        peft_rows = state.peft_hooks and "adapter_names" in kwargs
+        if peft_rows and not state.pooled:
             return super().forward(x, *args, **kwargs)
         tokens = x.shape[1:].numel() if x.dim() > 1 else None  # ids [B, S]: S tokens per row (see BatchPlan.view)
         view = plan.view(x.shape[0], flattened=x.dim() == 1, device=x.device, tokens_per_row=tokens)
-        if self._needs_autograd(x):
+        if self._needs_autograd(x, state):
             return super().forward(x, *args, adapter_names=self._row_names(view), **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
+        # (a pool: see FastLinearMixin.forward)
+        result = super().forward(x, *args, **kwargs) if peft_rows else self.base_layer(x, *args, **kwargs)
         state.backend.add_embedding_lora(result, x, self._fastlora_packed, view, self._get_embed_scale())
         return result
 

@@ -98,6 +98,7 @@ class PatchState:
     # The plan of the innermost mixed call running on each thread (as the attribute ``plan``).
     _local: threading.local = field(default_factory=threading.local)
     key: int = field(default_factory=lambda: next(_STATE_KEYS))
+    pooled: bool = False  # the bank keeps its storage in host memory behind a GPU pool (max_gpu_adapters)
 
     @property
     def plan(self) -> BatchPlan | None:
@@ -308,9 +309,11 @@ def patch_model(
             )
     if "_fastlora_state" in lora_model.__dict__:
         state = _patch_state(lora_model)
-        if state.bank.max_gpu_adapters == max_gpu_adapters:
+        if (state.bank.max_gpu_adapters is None) == (max_gpu_adapters is None):
             _switch_backend(state, backend)
-            state.bank.progressbar = progressbar
+            with state.lock:
+                state.bank.progressbar = progressbar
+                state.bank.max_gpu_adapters = max_gpu_adapters  # a new pool size: the next call resizes the pool
             return model
         unpatch_model(model)  # the storage moves between host and GPU: patch anew
     _remove_leaked_peft_hooks(lora_model)
@@ -379,6 +382,7 @@ def _new_state(
     _, state.bank.fast_layers = _sync_layers(lora_model, state)  # again, now that the state exists: sibling groups
     if not states:
         state.bank.max_gpu_adapters, state.bank.progressbar = max_gpu_adapters, progressbar
+        state.pooled = max_gpu_adapters is not None
     state.bank.refresh()
     lora_model._fastlora_state = state
     return state
@@ -469,6 +473,47 @@ def _expand_size(lora_model: torch.nn.Module, kwargs: dict) -> int:
     return max(int(num_beams), int(num_return_sequences))
 
 
+def _hook_peft_modules(lora_model, state: PatchState, plan: BatchPlan, names: list[str], expand: int) -> list:
+    """Register PEFT's ``adapter_names`` pre-forward hook, for this call, on the modules that PEFT's own path serves
+    (``_peft_path_modules``); returns the handles."""
+    bank = state.bank
+    expanded_names = [name for name in names for _ in range(expand)]
+    modules = [*bank.fast_layers, *bank.peft_served] if bank.left_to_peft & set(names) else bank.peft_served
+    handles = [
+        module.register_forward_pre_hook(
+            functools.partial(
+                _inject_adapter_names, state=state, plan=plan, adapter_names=_peft_rows(module, expanded_names)
+            ),
+            with_kwargs=True,
+        )
+        for module in _peft_path_modules(modules, set(names))
+    ]
+    encoder = _encoder(_inner_model(lora_model))
+    if expand > 1 and encoder is not None:
+        # The encoder runs on the rows before expansion (as in PEFT): hook its modules again with the originals.
+        handles += [
+            module.register_forward_pre_hook(
+                functools.partial(
+                    _inject_adapter_names, state=state, plan=plan, adapter_names=_peft_rows(module, names)
+                ),
+                with_kwargs=True,
+            )
+            for module in _peft_path_modules(encoder.modules(), set(names))
+        ]
+    return handles
+
+
+def _peft_rows(module: torch.nn.Module, names: list[str]) -> list[str]:
+    """The names PEFT's hook hands ``module``: all of them, except on a fast layer under a GPU pool, where the rows of
+    packed adapters become ``"__base__"`` (their weights are in host memory; the layer adds them with the kernels,
+    see ``FastLinearMixin.forward``)."""
+    if not (is_fast_layer(module) and module._fastlora_state.pooled):
+        return names
+    served_by_peft = module._fastlora_unsupported
+    base = peft_messages.BASE_ADAPTER_NAME
+    return [name if name in served_by_peft else base for name in names]
+
+
 def _inject_adapter_names(module, args, kwargs, state: PatchState, plan: BatchPlan, adapter_names: list[str]):
     """PEFT's pre-forward hook, for one call: module hooks are seen by every call in flight (other threads, calls
     nested inside this one), so the names go in only where this call is the innermost one of the running thread."""
@@ -537,8 +582,11 @@ def _mixed_batch_context(lora_model: torch.nn.Module, *args, **kwargs):
     is held only while the bank and the layer list are brought up to date and while a plan is taken."""
     state = _patch_state(lora_model)
     adapter_names = kwargs.get("adapter_names")
-    if adapter_names is None and state.bank.max_gpu_adapters is not None and state.plan is None:
-        adapter_names = _active_adapter_rows(lora_model, state.bank, args, kwargs)
+    uniform = False  # one adapter for any number of rows (see _plain_call_rows)
+    if adapter_names is None and state.pooled and state.plan is None and kwargs.get("alora_offsets") is None:
+        routed = _plain_call_rows(lora_model, state.bank, args, kwargs)
+        if routed is not None:
+            adapter_names, uniform = routed
     if adapter_names is None or kwargs.get("alora_offsets") is not None:
         if isinstance(lora_model, LoraModel):
             with LoraModel._enable_peft_forward_hooks(lora_model, *args, **kwargs):
@@ -559,6 +607,11 @@ def _mixed_batch_context(lora_model: torch.nn.Module, *args, **kwargs):
         names = _validate_names(lora_model, bank, adapter_names, kwargs)
         bank.refresh(set(names))
         _refuse_dora_left_to_peft(bank, set(names))
+        if uniform and names[0] in bank.left_to_peft:
+            raise ValueError(
+                f"peft_fastlora: with max_gpu_adapters, a forward without adapter_names cannot serve {names[0]!r} "
+                "(some layer leaves it to PEFT's path); pass adapter_names=[...] with one name per row."
+            )
         slots = bank.slot_ids(names)
     try:
         expand = _expand_size(lora_model, kwargs)
@@ -568,29 +621,12 @@ def _mixed_batch_context(lora_model: torch.nn.Module, *args, **kwargs):
         plan = state.take_plan()
         handles = []
         try:
-            plan.fill(slots, expand)  # this call's plan alone: no lock needed
-            expanded_names = [name for name in names for _ in range(expand)]
-            handles += [
-                module.register_forward_pre_hook(
-                    functools.partial(_inject_adapter_names, state=state, plan=plan, adapter_names=expanded_names),
-                    with_kwargs=True,
-                )
-                for module in _peft_path_modules(
-                    [*bank.fast_layers, *bank.peft_served] if bank.left_to_peft & set(names) else bank.peft_served,
-                    set(names),
-                )
-            ]
-            encoder = _encoder(_inner_model(lora_model))
-            if expand > 1 and encoder is not None:
-                # The encoder runs on the rows before expansion (as in PEFT): hook its modules again with the
-                # originals.
-                handles += [
-                    module.register_forward_pre_hook(
-                        functools.partial(_inject_adapter_names, state=state, plan=plan, adapter_names=names),
-                        with_kwargs=True,
-                    )
-                    for module in _peft_path_modules(encoder.modules(), set(names))
-                ]
+            if uniform:
+                # A plain call: PEFT's own modules take the active adapter by themselves, so no hooks.
+                plan.fill_uniform(slots[0])
+            else:
+                plan.fill(slots, expand)  # this call's plan alone: no lock needed
+                handles = _hook_peft_modules(lora_model, state, plan, names, expand)
             local.plan, local.peft_hooks = plan, bool(handles)
             ACTIVE.state = state
             if handles:
@@ -611,36 +647,52 @@ def _mixed_batch_context(lora_model: torch.nn.Module, *args, **kwargs):
                 handle.remove()
             state.give_back(plan)
     finally:
-        bank.release_slots(slots)  # (a GPU pool may evict this call's adapters again)
+        with state.lock:  # (place counts a slot in use under the lock: so must this)
+            bank.release_slots(slots)  # (a GPU pool may evict this call's adapters again)
 
 
-def _active_adapter_rows(lora_model: torch.nn.Module, bank: AdapterBank, args: tuple, kwargs: dict) -> list | None:
-    """Under a GPU pool, a plain call (no ``adapter_names``) as a mixed call with the active adapter on every row, or
-    None to leave it to PEFT (adapters disabled, a DoRA adapter, no batch found).
+def _plain_call_rows(lora_model: torch.nn.Module, bank: AdapterBank, args: tuple, kwargs: dict):
+    """Under a GPU pool, a plain call (no ``adapter_names``) as a mixed call with the active adapter on every row:
+    ``(names, uniform)``, or None to leave the call to PEFT (adapters disabled, a DoRA adapter).
 
     The pool keeps the adapters' weights in host memory, where PEFT's own forward cannot use them; the active
-    adapter is served through the pool instead, with the same result."""
+    adapter is served through the pool instead, with the same result. ``names`` has one entry per row where the
+    call shows its batch (``generate``'s ``input_ids``); else (``PeftModelForCausalLM.forward`` keeps its inputs to
+    itself) it is the one name and ``uniform`` is True: the plan then serves any number of rows with it.
+
+    Raises
+    ------
+    RuntimeError
+        In training mode (the pool serves inference only).
+    ValueError
+        If several adapters are active (PEFT adds them up; one row takes one adapter here).
+    """
     fast = bank.fast_layers
     if not fast or fast[0].disable_adapters:
         return None
+    if lora_model.training:
+        raise RuntimeError(
+            "peft_fastlora: with max_gpu_adapters the adapters' weights are in host memory and the model serves "
+            "inference only; call model.eval(), or unpatch_model to train."
+        )
     active = lora_model.active_adapters
     active = active() if callable(active) else active  # (a method on a transformers model)
-    if isinstance(active, str):
-        active = [active]
+    active = [active] if isinstance(active, str) else list(active)
     if len(active) != 1:
         raise ValueError(
             f"peft_fastlora: with max_gpu_adapters, a call without adapter_names serves one active adapter, but "
-            f"{list(active)} are active; pass adapter_names=[...] or set_adapter one of them."
+            f"{active} are active; pass adapter_names=[...] or set_adapter one of them."
         )
     name = active[0]
     if any(layer.use_dora.get(name, False) for layer in bank.lora_layers):
         return None  # DoRA adapters are not pooled: PEFT serves them from their own tensors
-    inputs = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+    inputs = kwargs.get("input_ids")
+    inputs = kwargs.get("inputs_embeds") if inputs is None else inputs
     if inputs is None and args and isinstance(args[0], torch.Tensor):
         inputs = args[0]
-    if not isinstance(inputs, torch.Tensor) or inputs.dim() == 0:
-        return None
-    return [name] * inputs.shape[0]
+    if isinstance(inputs, torch.Tensor) and inputs.dim() > 0:
+        return [name] * inputs.shape[0], False
+    return [name], True
 
 
 @functools.cache

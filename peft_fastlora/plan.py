@@ -139,6 +139,7 @@ class BatchPlan:
         self._encoder_plan: BatchPlan | None = None  # the buffers behind it, reused from call to call
         # Tokens per row of the latest input with a sequence dimension in this call (see ``view``); None: unknown.
         self.tokens_per_row: int | None = None
+        self._uniform: int | None = None  # the one slot of every row, whatever their number (fill_uniform)
 
     def _ensure_capacity(self, rows: int) -> None:
         if rows <= self.capacity and self.capacity:
@@ -184,6 +185,7 @@ class BatchPlan:
             How many copies of each input row the model will see, consecutively (beam search and
             ``num_return_sequences`` repeat each row this often, as ``repeat_interleave`` does).
         """
+        self._uniform = None
         self.num_input_rows = len(slots)
         self.slots = [slot for slot in slots for _ in range(expand)]
         rows = len(self.slots)
@@ -213,6 +215,13 @@ class BatchPlan:
                 self._encoder_plan = BatchPlan(self.device)
             self._encoder_plan.fill(slots)
             self._input_plan = self._encoder_plan
+
+    def fill_uniform(self, slot: int) -> None:
+        """Refill the plan for a call whose every row takes ``slot``, however many rows its layers see: a plain call
+        under a GPU pool, whose batch size the call does not show (see ``patch._plain_call_rows``). Each new leading
+        size a layer asks for refills the plan with that many rows of ``slot`` (in eager mode, one small copy)."""
+        self.fill([])
+        self._uniform = slot
 
     def forget_shrinks(self) -> None:
         """Drop the shared shrink outputs this call still holds (at its end, to free them; see
@@ -254,6 +263,10 @@ class BatchPlan:
             PEFT's length-mismatch error where ``num_rows`` fits no reading of the batch known to be right.
         """
         device = self.device if device is None else device
+        if self._uniform is not None and num_rows != len(self.slots):
+            slot, tokens = self._uniform, self.tokens_per_row
+            self.fill([slot] * num_rows)
+            self._uniform, self.tokens_per_row = slot, tokens
         if num_rows == len(self.slots):
             if tokens_per_row is not None:
                 self.tokens_per_row = tokens_per_row

@@ -154,7 +154,9 @@ class AdapterPool:
     ----------
     stats : dict
         ``hits`` and ``misses`` (adapter placements), ``bytes`` copied, ``seconds``: host time spent in ``place``
-        (the copies are asynchronous; ``copy_gpu_seconds`` gives their GPU time).
+        (the copies are asynchronous; ``copy_gpu_seconds`` gives their GPU time where ``timing`` is set).
+    timing : bool
+        Record CUDA events around each call's copies (for ``copy_gpu_seconds``; off by default: a benchmark's).
     """
 
     def __init__(self, capacity: int, device: torch.device):
@@ -173,16 +175,23 @@ class AdapterPool:
         self._mirror_tensor: torch.Tensor | None = None
         self._copied: torch.cuda.Event | None = None
         self._events: list[tuple] = []
+        self.timing = False
         self.stats = {"hits": 0, "misses": 0, "bytes": 0, "seconds": 0.0}
 
-    def rebuild(self, units: list[tuple[list[PackedLora], list[dict]]], slot_names: dict[int, str]) -> None:
-        """New, empty GPU slots for every unit (after the bank repacked): ``units`` are ``(host packs, the layers'
-        adapter parameters by name)``; nothing is resident afterwards."""
+    def rebuild(self, units: list[tuple[list[PackedLora], list[dict]]], slots: dict[str, int]) -> None:
+        """New GPU slots for every unit (after the bank repacked): ``units`` are ``(host packs, the layers' adapter
+        parameters by name)``, ``slots`` the bank's name → slot map.
+
+        The adapters resident before stay resident in the same GPU slots, copied anew: a call in flight (a
+        logits processor's call that added an adapter inside ``generate``, another thread) keeps reading its
+        adapters where its plan says they are."""
         self._wait_for_meta_copy()
+        previous = [(name, gpu_slot) for name, gpu_slot in self.resident.items() if name in slots]
         self.units = []  # free the old device storage before allocating the new
         self._meta = self._mirror_tensor = None
         self.resident.clear()
         self._versions.clear()
+        slot_names = {slot: name for name, slot in slots.items()}
         size = sum(_PooledUnit.meta_size_for(host, self.capacity) for host, _ in units)
         self._meta = torch.zeros(max(size, 1), dtype=torch.int32, device=self.device)
         self._mirror_tensor = torch.zeros(max(size, 1), dtype=torch.int32, pin_memory=self.pin)
@@ -198,6 +207,11 @@ class AdapterPool:
                     if rank:
                         parameters[slot_names[slot]].extend(params[slot_names[slot]])
         self._parameters = dict(parameters)
+        for name, gpu_slot in previous:
+            for unit in self.units:
+                unit.copy_in(slots[name], gpu_slot)
+            self.resident[name] = gpu_slot
+            self._versions[name] = self._version_sum(name)
         self._meta.copy_(self._mirror_tensor)
         self._data_reads = data_reads()
 
@@ -218,7 +232,8 @@ class AdapterPool:
         Returns
         -------
         dict[str, int]
-            Name → GPU slot, for every name of ``names`` (``"__base__"`` → ``BASE_SLOT``).
+            Name → GPU slot, for every name of ``names`` (``"__base__"``, and adapters no fast layer serves, →
+            ``BASE_SLOT``).
 
         Raises
         ------
@@ -227,7 +242,10 @@ class AdapterPool:
             other threads leave free; nothing is changed then.
         """
         started = time.perf_counter()
-        wanted = list(dict.fromkeys(name for name in names if name != BASE_ADAPTER_NAME))
+        named = dict.fromkeys(name for name in names if name != BASE_ADAPTER_NAME)
+        # An adapter that no fast layer serves (left to PEFT's path everywhere) needs no slot: its rows add nothing
+        # in the fast layers, as base rows do, and PEFT's hooks serve it.
+        wanted = [name for name in named if name in self._parameters]
         if len(wanted) > self.capacity:
             raise ValueError(
                 f"This batch names {len(wanted)} distinct adapters, more than max_gpu_adapters={self.capacity} "
@@ -255,12 +273,13 @@ class AdapterPool:
         needed = len(missing) - len(targets)
         if needed > len(free) + len(reusable) or stale_busy:
             raise ValueError(
-                f"This call needs {len(missing)} adapters copied to the GPU, but calls in flight on other threads "
-                f"hold the GPU slots (max_gpu_adapters={self.capacity}); wait for them or raise max_gpu_adapters."
+                f"This call needs {len(missing)} adapters copied to the GPU, but the GPU slots are held by calls in "
+                f"flight (an outer call of this thread, such as the generate a logits processor runs in, or calls "
+                f"on other threads; max_gpu_adapters={self.capacity}); wait for them or raise max_gpu_adapters."
             )
         by_slot = {gpu_slot: name for name, gpu_slot in self.resident.items()}
         copied = 0
-        start_event = self._record_event()
+        start_event = self._record_event() if self.timing else None
         self._wait_for_meta_copy()
         for name in missing:
             gpu_slot = self.resident.pop(name, None)
@@ -281,13 +300,15 @@ class AdapterPool:
         if missing:
             self._meta.copy_(self._mirror_tensor, non_blocking=self.pin)
             if self.pin:
-                self._copied = torch.cuda.Event(enable_timing=True)
+                self._copied = torch.cuda.Event(enable_timing=self.timing)
                 self._copied.record()
-                self._events.append((start_event, self._copied))
+                if start_event is not None:
+                    self._events.append((start_event, self._copied))
         placed = {name: self.resident[name] for name in wanted}
         for gpu_slot in placed.values():
             self._in_use[gpu_slot] += 1
         placed[BASE_ADAPTER_NAME] = BASE_SLOT
+        placed.update((name, BASE_SLOT) for name in named if name not in self._parameters)
         self.stats["bytes"] += copied
         self.stats["seconds"] += time.perf_counter() - started
         return placed
@@ -295,7 +316,7 @@ class AdapterPool:
     def release(self, gpu_slots: set[int]) -> None:
         """The call that ``place`` served has ended: its GPU slots may be evicted again."""
         for gpu_slot in gpu_slots:
-            if gpu_slot != BASE_SLOT:
+            if gpu_slot != BASE_SLOT and self._in_use[gpu_slot]:  # (0: placed by a pool since replaced)
                 self._in_use[gpu_slot] -= 1
 
     def rescale(self, host: list[PackedLora], slots: dict[str, int]) -> None:
@@ -304,11 +325,13 @@ class AdapterPool:
             if unit.host is host:
                 self._wait_for_meta_copy()
                 for name, gpu_slot in self.resident.items():
-                    unit.rescale(slots[name], gpu_slot)
+                    if name in slots:  # (a deleted adapter stays listed until the next rebuild; nothing reads it)
+                        unit.rescale(slots[name], gpu_slot)
                 self._meta.copy_(self._mirror_tensor, non_blocking=self.pin)
 
     def copy_gpu_seconds(self) -> float:
-        """GPU time of the copies ``place`` enqueued since the last call of this (waits for them)."""
+        """GPU time of the copies ``place`` enqueued since the last call of this, while ``timing`` is set (waits for
+        them)."""
         total = 0.0
         for start, end in self._events:
             if start is not None:

@@ -114,7 +114,7 @@ def test_slots_in_use_by_a_call_in_flight_are_not_evicted():
     model, oracle, batch = pooled_and_oracle("torch")
     bank = model.base_model._fastlora_state.bank
     held = bank.slot_ids(["a0", "a1", "a2"])  # as a call in flight on another thread holds them
-    with pytest.raises(ValueError, match="calls in flight on other threads hold the GPU slots"):
+    with pytest.raises(ValueError, match="the GPU slots are held by calls in flight"):
         model(**batch, adapter_names=["a3", "a3", "a3", "a3"])
     bank.release_slots(held)
     assert_matches(model, oracle, batch, ["a3", "a3", "a3", "a3"])
@@ -230,6 +230,134 @@ def test_repatch_with_another_pool_size():
     patch_model(model, backend="torch")  # no pool
     assert pool_of(model) is None
     assert_matches(model, oracle, batch, ["a5", "a4", "a3", "a1"])
+
+
+@torch.no_grad()
+def test_plain_forward_of_a_causal_lm_model():
+    """``PeftModelForCausalLM.forward`` keeps ``input_ids`` to itself, so the pool serves its plain call with a plan
+    that takes any number of rows (``BatchPlan.fill_uniform``)."""
+    torch.manual_seed(0)
+    config = _config(2, task_type="CAUSAL_LM")
+    model = get_peft_model(tiny.build_base_model("llama"), config, adapter_name="a0").eval()
+    model.add_adapter("a1", _config(6, task_type="CAUSAL_LM"))
+    oracle = copy.deepcopy(model)
+    patch_model(model, backend="torch", max_gpu_adapters=1)
+    batch = tiny.random_prompts(3, 5, seed=2)
+    for name in ("a1", "a0"):
+        for twin in (model, oracle):
+            twin.set_adapter(name)
+        assert_close_relative(model(**batch).logits, oracle(**batch).logits)
+        assert list(pool_of(model).resident) == [name]  # served by the pool, not PEFT's path on host weights
+    assert_close_relative(
+        model(input_ids=batch["input_ids"][:1]).logits, oracle(input_ids=batch["input_ids"][:1]).logits
+    )
+
+
+def test_training_and_gradients_are_refused_under_a_pool():
+    """The adapters' weights are in host memory: what would need PEFT's path with autograd raises a clear error."""
+    model, _, batch = pooled_and_oracle("torch")
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)  # as PeftModel.from_pretrained leaves them (is_trainable=False)
+    model(**batch, adapter_names=["a0", "a1", "a1", "__base__"])  # grad mode on, but nothing requires grad: served
+    model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["a0"].weight.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="a forward that records gradients cannot use them"):
+        model(**batch, adapter_names=["a0", "a1", "a1", "__base__"])
+    model.train()
+    with pytest.raises(RuntimeError, match="serves inference only; call model.eval"):
+        model(**batch)
+
+
+@torch.no_grad()
+def test_adapters_left_to_peft_beside_pooled_ones():
+    """An adapter the packed path cannot serve (a lora_bias) stays on the model's device with PEFT's path; in its
+    layers PEFT computes only its rows (pooled rows are "__base__" to PEFT, whose weights it cannot reach)."""
+    torch.manual_seed(0)
+    model = get_peft_model(tiny.build_base_model("llama"), _config(2), adapter_name="a0").eval()
+    model.add_adapter("a1", _config(4))
+    biased = _config(4, lora_bias=True)
+    biased.target_modules = {*tiny.TARGET_MODULES["llama"], "lm_head"}  # (PEFT has no lora_bias for embeddings)
+    model.add_adapter("biased", biased)
+    oracle = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match="'biased' \\(lora_bias\\)"):
+        patch_model(model, backend="torch", max_gpu_adapters=2)
+    seen = []
+    original = model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["a0"].forward
+
+    def spy(x):  # PEFT's path must not read a pooled adapter's (host) weights
+        seen.append("a0")
+        return original(x)
+
+    model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["a0"].forward = spy
+    batch = tiny.random_prompts(4, 6, seed=1)
+    for names in (["biased", "a0", "a1", "__base__"], ["a1", "biased", "biased", "a0"]):
+        assert_matches(model, oracle, batch, names)
+    assert not seen
+    for twin in (model, oracle):
+        twin.set_adapter("biased")
+    assert_close_relative(model(**batch).logits, oracle(**batch).logits)
+
+
+@torch.no_grad()
+def test_resize_keeps_the_host_storage():
+    model, oracle, batch = pooled_and_oracle("torch")
+    assert_matches(model, oracle, batch, ["a0", "a1", "a2", "a0"])
+    weight = model.base_model.model.model.layers[1].mlp.down_proj.lora_B["a3"].weight
+    address = weight.data_ptr()
+    patch_model(model, backend="torch", max_gpu_adapters=4)
+    assert_matches(model, oracle, batch, ["a3", "a4", "a5", "a0"])
+    assert pool_of(model).capacity == 4 and weight.data_ptr() == address
+
+
+@torch.no_grad()
+def test_a_repack_during_a_call_keeps_its_adapters_in_place():
+    """A logits processor that adds an adapter and runs it inside generate repacks the bank: the outer call's
+    adapters stay in the GPU slots its plan names (copied anew), so its output is still PEFT's."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    model, oracle, batch = pooled_and_oracle("torch", capacity=4, adapters=3)
+
+    class SideCall(LogitsProcessor):
+        step = 0
+
+        def __call__(self, ids, scores):
+            self.step += 1
+            if self.step == 2:
+                torch.manual_seed(5)
+                model.add_adapter("x", _config(4))
+                model(input_ids=ids[:1, :3], adapter_names=["x"])
+            return scores
+
+    kwargs = {"max_new_tokens": 5, "min_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+    kwargs.update(output_scores=True, return_dict_in_generate=True)
+    names = ["a0", "a1", "a2", "a1"]
+    expected = oracle.generate(**batch, adapter_names=names, **kwargs)
+    actual = model.generate(**batch, adapter_names=names, logits_processor=LogitsProcessorList([SideCall()]), **kwargs)
+    assert torch.equal(actual.sequences, expected.sequences)
+    for ours, theirs in zip(actual.scores, expected.scores, strict=True):
+        finite = theirs.isfinite()  # (min_new_tokens sets the end token's score to -inf)
+        assert torch.equal(ours.isfinite(), finite)
+        assert_close_relative(ours[finite], theirs[finite])
+    assert pool_of(model)._in_use == [0] * 4
+
+
+@torch.no_grad()
+def test_delete_an_adapter_of_some_layers_then_rescale():
+    torch.manual_seed(0)
+    model = get_peft_model(tiny.build_base_model("llama"), _config(2), adapter_name="a0").eval()
+    model.add_adapter(
+        "a1", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    model.add_adapter("a2", _config(6))
+    oracle = copy.deepcopy(model)
+    patch_model(model, backend="torch", max_gpu_adapters=3)
+    batch = tiny.random_prompts(4, 6, seed=1)
+    assert_matches(model, oracle, batch, ["a0", "a1", "a2", "a0"])
+    for twin in (model, oracle):
+        twin.delete_adapter("a1")
+        for module in twin.modules():
+            if isinstance(module, LoraLayer) and "a0" in module.scaling:
+                module.set_scale("a0", 0.5)
+    assert_matches(model, oracle, batch, ["a0", "a2", "a0", "__base__"])
 
 
 @pytest.mark.parametrize("value", [0, -1, True, 2.5, "8"])
