@@ -74,24 +74,47 @@ def base_model(small: bool, layers: int, device: str) -> torch.nn.Module:
 
 
 def add_adapters(model, indices, rank: int = 16, alpha: int = 32) -> None:
-    """Register adapters ``a{i}`` for ``indices`` on every LoRA layer of ``model`` as PEFT's ``update_layer`` does,
-    with random weights from seed ``i`` (see the module docstring); ``peft_config`` entries copy the first one's."""
+    """Register adapters ``a{i}`` for ``indices`` on every LoRA layer of ``model`` with the entries PEFT's
+    ``update_layer`` makes (``r``, ``lora_alpha``, ``scaling``, ``use_rslora``, ``use_dora``, ``lora_bias``, an
+    Identity dropout, ``lora_A``/``lora_B`` Linear modules without bias, a ``peft_config`` entry), written straight
+    into the layers' dicts; each adapter's weights are one ``randn`` on the model's device from seed ``i`` (scaled by
+    0.02), viewed per layer, so any model holding adapter ``i`` holds the same values."""
     layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
     template = next(iter(model.peft_config.values()))
+    weight = layers[0].get_base_layer().weight
+    shapes = [((rank, layer.in_features), (layer.out_features, rank)) for layer in layers]
+    total = sum(a[0] * a[1] + b[0] * b[1] for a, b in shapes)
+    dropout = torch.nn.Identity()
     for index in indices:
         name = f"a{index}"
-        generator = torch.Generator(device=layers[0].get_base_layer().weight.device).manual_seed(index)
-        for layer in layers:
-            weight = layer.get_base_layer().weight
+        generator = torch.Generator(device=weight.device).manual_seed(index)
+        values = torch.randn(total, generator=generator, device=weight.device, dtype=weight.dtype).mul_(0.02)
+        offset = 0
+        for layer, (a_shape, b_shape) in zip(layers, shapes, strict=True):
             layer.r[name], layer.lora_alpha[name], layer.scaling[name] = rank, alpha, alpha / rank
             layer.use_rslora[name], layer.use_dora[name], layer.lora_bias[name] = False, False, False
-            layer.lora_dropout[name] = torch.nn.Identity()
-            for part, shape in (("lora_A", (rank, layer.in_features)), ("lora_B", (layer.out_features, rank))):
-                module = torch.nn.Linear(shape[1], shape[0], bias=False, device="meta")
-                values = torch.randn(shape, generator=generator, device=weight.device, dtype=weight.dtype)
-                module.weight = torch.nn.Parameter(values.mul_(0.02), requires_grad=False)
-                getattr(layer, part)[name] = module
+            layer.lora_dropout._modules[name] = dropout
+            for part, shape in (("lora_A", a_shape), ("lora_B", b_shape)):
+                size = shape[0] * shape[1]
+                getattr(layer, part)._modules[name] = _linear(values[offset : offset + size].view(shape))
+                offset += size
         model.peft_config[name] = copy.deepcopy(template)
+
+
+_TEMPLATE = torch.nn.Linear(1, 1, bias=False, device="meta")
+
+
+def _linear(weight: torch.Tensor) -> torch.nn.Linear:
+    """An ``nn.Linear`` without bias holding ``weight`` (``[out, in]``): a template's attributes with fresh dicts
+    (its hooks, buffers, children), since ``Module.__init__`` costs ~40 µs and a thousand adapters need ~450,000."""
+    module = torch.nn.Linear.__new__(torch.nn.Linear)
+    state = {
+        key: type(value)() if isinstance(value, (dict, set)) else value for key, value in _TEMPLATE.__dict__.items()
+    }
+    state["in_features"], state["out_features"] = weight.shape[1], weight.shape[0]
+    state["_parameters"] = {"weight": torch.nn.Parameter(weight, requires_grad=False)}
+    module.__dict__.update(state)
+    return module
 
 
 def peft_model(plain, shared, indices, rank: int = 16) -> torch.nn.Module:
@@ -155,6 +178,7 @@ def run(args) -> dict:
     log(f"patched: {result['timeline_s']}")
     result["check"] = _check(pooled, resident_zipf, prompts, timed_batches[0])
     log(f"check: {result['check']}")
+    Path(args.out).write_text(json.dumps(result, indent=1))
     to8 = [[f"a{int(name[1:]) % 8}" for name in names] for names in timed_batches]
     rows = {
         "base": (plain, None),
@@ -187,6 +211,8 @@ def run(args) -> dict:
                     "host_s": pool.stats["seconds"] - stats["seconds"], "gpu_copy_s": pool.copy_gpu_seconds(),
                 })  # fmt: skip
         log(f"repeat {repeat}: " + ", ".join(f"{label} {values[-1]:.3f} s" for label, values in seconds.items()))
+        result["seconds_so_far"], result["pool_copies"] = seconds, copies
+        Path(args.out).write_text(json.dumps(result, indent=1))  # (a time limit keeps what was measured)
     tokens = args.batch * args.new_tokens
     table = {}
     for label, values in seconds.items():
