@@ -59,6 +59,8 @@ class _PooledUnit:
         self, host: list[PackedLora], capacity: int, device: torch.device, meta: torch.Tensor, mirror: np.ndarray
     ):
         self.host = host
+        self.host_meta = [packed.meta.numpy() for packed in host]  # (host tensors: read without torch's overhead)
+        self._slot_views: dict[int, list] = {}
         self.caps = [packed.max_rank for packed in host]
         self.inner = [sum(self.caps[:index]) for index in range(len(host))]
         self.group_cap = sum(self.caps)
@@ -94,25 +96,26 @@ class _PooledUnit:
     def meta_size_for(host: list[PackedLora], capacity: int) -> int:
         return (_GROUP_ROWS * capacity if host[0].group is not None else 0) + _META_ROWS * capacity * len(host)
 
-    def copy_in(self, slot: int, gpu_slot: int) -> int:
-        """Copy bank slot ``slot``'s adapter of every layer of the unit into GPU slot ``gpu_slot`` (enqueued on the
-        current stream, padding zeroed) and mirror its scales; returns the bytes copied from the host."""
+    def copy_in(self, slot: int, gpu_slot: int, targets: list, sources: list) -> int:
+        """Queue the copies of bank slot ``slot``'s adapter, every layer of the unit, into GPU slot ``gpu_slot``
+        (appended to ``targets`` / ``sources``, for one ``torch._foreach_copy_`` over every adapter a call copies:
+        ~350 copies an adapter on a Llama-3-8B shape, one Python call instead), zero the padding and mirror the
+        scales; returns the bytes to copy from the host."""
         copied = 0
         group = self.host[0].group
-        a_start = gpu_slot * self.group_cap
+        slot_targets = self._targets(gpu_slot)
         whole = group is not None and all(
             packed.ranks[slot] == cap for packed, cap in zip(self.host, self.caps, strict=True)
         )
         if whole:  # every member at its cap: the group's rows of this slot are one block, as on the device
             source = group.a[group.offsets[slot] : group.offsets[slot] + group.ranks[slot]]
-            self.device[0].a[a_start : a_start + self.group_cap].copy_(source, non_blocking=True)
-            copied += source.numel() * source.element_size()
-        for packed, pooled, cap, inner, scales in zip(
-            self.host, self.device, self.caps, self.inner, self.scale_mirrors, strict=True
+            targets.append(slot_targets[0])
+            sources.append(source)
+            copied += source.nbytes
+        for packed, (rows, b), cap, scales, meta in zip(
+            self.host, slot_targets[1:], self.caps, self.scale_mirrors, self.host_meta, strict=True
         ):
             rank, out = packed.ranks[slot], packed.out_features
-            rows = pooled.a[a_start + inner : a_start + inner + cap]
-            b = pooled.b[gpu_slot * cap * out : (gpu_slot + 1) * cap * out].view(out, cap)
             if not rank:  # the layer lacks this adapter: it adds nothing (zeros, so no stale value can leak)
                 rows.zero_()
                 b.zero_()
@@ -120,24 +123,40 @@ class _PooledUnit:
                 continue
             if not whole:
                 source = packed.a[packed.a_offsets[slot] : packed.a_offsets[slot] + rank]
-                rows[:rank].copy_(source, non_blocking=True)
-                rows[rank:].zero_()
-                copied += source.numel() * source.element_size()
+                targets.append(rows[:rank])
+                sources.append(source)
+                copied += source.nbytes
+                if rank < cap:
+                    rows[rank:].zero_()
             b_start = packed.b_offsets[slot] * out
             source = packed.b[b_start : b_start + rank * out].view(out, rank)
-            if rank == cap:
-                b.copy_(source, non_blocking=True)
-            else:
-                b[:, :rank].copy_(source, non_blocking=True)
+            targets.append(b if rank == cap else b[:, :rank])
+            sources.append(source)
+            if rank < cap:
                 b[:, rank:].zero_()
-            copied += source.numel() * source.element_size()
-            scales[gpu_slot] = packed.meta[4, slot].item()  # the scale's fp32 bits
+            copied += source.nbytes
+            scales[gpu_slot] = meta[4, slot]  # the scale's fp32 bits
         return copied
+
+    def _targets(self, gpu_slot: int) -> list:
+        """GPU slot ``gpu_slot``'s views, made once: the group's rows ``[group_cap, in]`` (or None), then per
+        member its lora_A rows ``[cap, in]`` and lora_B block ``[out, cap]``."""
+        views = self._slot_views.get(gpu_slot)
+        if views is None:
+            a_start = gpu_slot * self.group_cap
+            device_a = self.device[0].a
+            views = [device_a[a_start : a_start + self.group_cap] if self.device_group is not None else None]
+            for pooled, cap, inner in zip(self.device, self.caps, self.inner, strict=True):
+                out = pooled.out_features
+                rows = device_a[a_start + inner : a_start + inner + cap]
+                views.append((rows, pooled.b[gpu_slot * cap * out : (gpu_slot + 1) * cap * out].view(out, cap)))
+            self._slot_views[gpu_slot] = views
+        return views
 
     def rescale(self, slot: int, gpu_slot: int) -> None:
         """Rewrite the mirrored scale of GPU slot ``gpu_slot`` from bank slot ``slot``'s host value."""
-        for packed, scales in zip(self.host, self.scale_mirrors, strict=True):
-            scales[gpu_slot] = packed.meta[4, slot].item() if packed.ranks[slot] else 0
+        for packed, scales, meta in zip(self.host, self.scale_mirrors, self.host_meta, strict=True):
+            scales[gpu_slot] = meta[4, slot] if packed.ranks[slot] else 0
 
 
 class AdapterPool:
@@ -207,11 +226,15 @@ class AdapterPool:
                     if rank:
                         parameters[slot_names[slot]].extend(params[slot_names[slot]])
         self._parameters = dict(parameters)
+        targets: list[torch.Tensor] = []
+        sources: list[torch.Tensor] = []
         for name, gpu_slot in previous:
             for unit in self.units:
-                unit.copy_in(slots[name], gpu_slot)
+                unit.copy_in(slots[name], gpu_slot, targets, sources)
             self.resident[name] = gpu_slot
             self._versions[name] = self._version_sum(name)
+        if targets:
+            torch._foreach_copy_(targets, sources, non_blocking=self.pin)
         self._meta.copy_(self._mirror_tensor)
         self._data_reads = data_reads()
 
@@ -279,6 +302,8 @@ class AdapterPool:
             )
         by_slot = {gpu_slot: name for name, gpu_slot in self.resident.items()}
         copied = 0
+        targets: list[torch.Tensor] = []
+        sources: list[torch.Tensor] = []
         start_event = self._record_event() if self.timing else None
         self._wait_for_meta_copy()
         for name in missing:
@@ -293,11 +318,13 @@ class AdapterPool:
                     self._versions.pop(evicted, None)
             slot = slots[name]
             for unit in self.units:
-                copied += unit.copy_in(slot, gpu_slot)
+                copied += unit.copy_in(slot, gpu_slot, targets, sources)
             self.resident[name] = gpu_slot
             self._versions[name] = self._version_sum(name)
             self.stats["misses"] += 1
         if missing:
+            # One call for every weight copy (a C++ loop of asynchronous copies from page-locked memory).
+            torch._foreach_copy_(targets, sources, non_blocking=self.pin)
             self._meta.copy_(self._mirror_tensor, non_blocking=self.pin)
             if self.pin:
                 self._copied = torch.cuda.Event(enable_timing=self.timing)
