@@ -54,7 +54,7 @@ from transformers import PreTrainedModel
 
 from . import peft_messages
 from .backends import get_backend
-from .bank import AdapterBank, registrations, sibling_groups, watch_modules
+from .bank import AdapterBank, adapter_parameters, registrations, sibling_groups, watch_modules
 from .dora import dora_adapters
 from .layers import ACTIVE, FAST_MIXINS, is_fast_layer, patch_layer, unpatch_layer
 from .plan import BatchPlan
@@ -426,6 +426,14 @@ def unpatch_model(model: PeftModel) -> PeftModel:
             if isinstance(state, PatchState):  # a copy's pending patch never packed anything
                 state.bank.release(module)
             unpatch_layer(module)
+        elif isinstance(state, _PendingPatch) and state.max_gpu_adapters is not None and isinstance(module, LoraLayer):
+            # A copy of a pooled model holds its adapters where the original kept them, in host memory: back to
+            # the layer's device, as unpatching the original does.
+            device = module.get_base_layer().weight.device
+            with torch.no_grad():
+                for a, b in adapter_parameters(module).values():
+                    for parameter in (a, b):
+                        parameter.data = parameter.data.to(device)
     return model
 
 

@@ -221,6 +221,19 @@ def test_unpatch_and_copies_of_a_pooled_model():
                 assert type(weight) is torch.nn.Parameter and weight.is_contiguous()
 
 
+@torch.no_grad()
+def test_unpatching_an_unused_copy_of_a_pooled_model():
+    """A copy made from a pooled model holds its adapters in host memory until its first call re-patches it;
+    unpatched before that, its adapters go back to their layers' device, as the original's do."""
+    model, oracle, batch = pooled_and_oracle("torch")
+    assert_matches(model, oracle, batch, ["a0", "a1", "a2", "a0"])
+    twin = unpatch_model(copy.deepcopy(model))
+    assert "_fastlora_state" not in twin.base_model.__dict__
+    assert_matches(twin, oracle, batch, ["a3", "a4", "a5", "a3"])
+    weight = twin.base_model.model.model.layers[0].self_attn.q_proj.lora_A["a3"].weight
+    assert type(weight) is torch.nn.Parameter and weight.device == torch.device("cpu")
+
+
 def test_repatch_with_another_pool_size():
     model, oracle, batch = pooled_and_oracle("torch")
     assert_matches(model, oracle, batch, ["a0", "a1", "a2", "a0"])
