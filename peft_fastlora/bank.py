@@ -48,7 +48,7 @@ from .dora import DoraScales, dora_adapters, dora_scales, refresh_dora_scales
 from .host_memory import host_empty
 from .peft_messages import BASE_ADAPTER_NAME
 from .storage_keys import register as _register_storage
-from .watched import data_quietly, is_watched, set_data_quietly, unwatch, watch, writes
+from .watched import BankParameter, data_quietly, is_watched, set_data_quietly, unwatch, watch, writes
 
 BASE_SLOT = -1
 """The slot id of a ``"__base__"`` row: no LoRA."""
@@ -455,9 +455,12 @@ def _placement(layer: LoraLayer) -> tuple:
     embedding_b = submodules["lora_embedding_B"]._parameters
     a += embedding_a.values()
     b += map(embedding_b.__getitem__, embedding_a)
+    # A bias given to a packed adapter's lora_B (``lora_B[name].bias = Parameter(...)``) makes it a lora_bias adapter,
+    # which the packed path cannot serve: the layer must be packed again (the adapter then goes to PEFT's path).
+    biases = tuple(module._parameters.get("bias") is not None for module in b_modules.values())
     return (
         tuple(a_modules), tuple(embedding_a), tuple(map(id, a)), tuple(map(_data_ptr, a)), tuple(map(id, b)),
-        tuple(map(_data_ptr, b)),
+        tuple(map(_data_ptr, b)), biases,
     )  # fmt: skip
 
 
@@ -820,6 +823,15 @@ class AdapterBank:
         stage = base_weight.device if pin and 2 * on_gpu > everything else None
         packs = pack(members, self.num_slots, unit.layers[0].in_features, out_features, dtype, device, pin, stage)
         left_to_peft = set()
+        for layer, skip, params in zip(unit.layers, skipped, parameters, strict=True):
+            # An adapter packed before and left to PEFT now (a bias added to its lora_B) gets tensors of its own on
+            # the layer's device again: PEFT's path reads them, and a pool's host storage is out of its reach.
+            device = layer.get_base_layer().weight.device
+            for name in skip:
+                for parameter, (module, _) in zip(params[name], _owners(layer, name), strict=True):
+                    if type(parameter) is BankParameter:
+                        set_data_quietly(parameter, data_quietly(parameter).to(device, copy=True))
+                        unwatch(module)
         for layer, packed, served, skip, params in zip(unit.layers, packs, members, skipped, parameters, strict=True):
             for slot in served:
                 name = self._slot_names[slot]

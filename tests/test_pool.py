@@ -164,6 +164,26 @@ def test_in_place_edits_of_a_resident_adapter_are_seen(edit):
 
 
 @torch.no_grad()
+def test_a_bias_given_to_a_resident_adapter_sends_it_to_peft():
+    """``lora_B[name].bias = ...`` on a pooled adapter makes it a lora_bias adapter: the next call leaves it to
+    PEFT's path, from tensors of its own on the layer's device (PEFT cannot read the host storage)."""
+    model, oracle, batch = pooled_and_oracle("torch")
+    assert_matches(model, oracle, batch, ["a0", "a1", "a2", "a0"])
+    generator = torch.Generator().manual_seed(3)
+    pairs = zip(*([m for m in twin.modules() if isinstance(m, LoraLayer)] for twin in (model, oracle)), strict=True)
+    for ours, theirs in pairs:
+        if "a1" in ours.lora_B:
+            bias = torch.randn(ours.out_features, generator=generator)
+            ours.lora_B["a1"].bias = torch.nn.Parameter(bias.clone())
+            theirs.lora_B["a1"].bias = torch.nn.Parameter(bias.clone())
+    with pytest.warns(UserWarning, match="'a1' \\(lora_bias\\)"):
+        assert_matches(model, oracle, batch, ["a1", "a0", "a1", "__base__"])
+    weight = model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["a1"].weight
+    assert type(weight) is torch.nn.Parameter  # its own tensor again, no longer a view of the host storage
+    assert_matches(model, oracle, batch, ["a2", "a1", "a3", "a1"])
+
+
+@torch.no_grad()
 def test_set_scale_of_a_resident_adapter_is_seen():
     model, oracle, batch = pooled_and_oracle("torch")
     assert_matches(model, oracle, batch, ["a0", "a1", "a2", "a0"])

@@ -119,6 +119,20 @@ def _load_state_dict(assign: bool):
     return apply
 
 
+def _add_lora_b_bias(name: str):
+    """A bias given to adapter ``name``'s lora_B in every Linear layer: it becomes a lora_bias adapter, which the
+    packed path leaves to PEFT's."""
+
+    def apply(model, seed):
+        generator = torch.Generator().manual_seed(seed)
+        for layer in lora_layers(model):
+            if name in layer.lora_B:
+                module = layer.lora_B[name]
+                module.bias = torch.nn.Parameter(torch.randn(module.out_features, generator=generator) * 0.3)
+
+    return apply
+
+
 def _to_float64(model, seed):
     model.to(torch.float64)
 
@@ -137,6 +151,7 @@ EDITS = {
     "load_state_dict": _load_state_dict(assign=False),
     "load_state_dict_assign": _load_state_dict(assign=True),
     "model.to(float64)": _to_float64,
+    "lora_B.bias added": _add_lora_b_bias("b"),
     "merge_unmerge": _merge_and_unmerge,
 }
 
