@@ -96,6 +96,8 @@ class FastLinearMixin(_FastLayer):
         # makes dynamo guard on it, so a graph compiled without hooks is not replayed for a call with them.
         if plan is None or self.disable_adapters:
             return super().forward(x, *args, **kwargs)
+        if plan.plain_adapter is not None and plan.plain_adapter in self._fastlora_unsupported:
+            return super().forward(x, *args, **kwargs)  # a routed plain call (see BatchPlan.plain_adapter)
         peft_rows = state.peft_hooks and "adapter_names" in kwargs
         if peft_rows and not state.pooled:
             return super().forward(x, *args, **kwargs)
@@ -131,6 +133,8 @@ class FastEmbeddingMixin(_FastLayer):
         plan = state.plan
         if plan is None or self.disable_adapters:
             return super().forward(x, *args, **kwargs)
+        if plan.plain_adapter is not None and plan.plain_adapter in self._fastlora_unsupported:
+            return super().forward(x, *args, **kwargs)  # a routed plain call (see BatchPlan.plain_adapter)
         peft_rows = state.peft_hooks and "adapter_names" in kwargs
         if peft_rows and not state.pooled:
             return super().forward(x, *args, **kwargs)

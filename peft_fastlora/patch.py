@@ -601,11 +601,11 @@ def _mixed_batch_context(lora_model: torch.nn.Module, *args, **kwargs):
     is held only while the bank and the layer list are brought up to date and while a plan is taken."""
     state = _patch_state(lora_model)
     adapter_names = kwargs.get("adapter_names")
-    uniform = False  # one adapter for any number of rows (see _plain_call_rows)
+    uniform = routed = False  # a plain call served as a mixed one; one adapter for any number of rows
     if adapter_names is None and state.pooled and state.plan is None and kwargs.get("alora_offsets") is None:
-        routed = _plain_call_rows(lora_model, state.bank, args, kwargs)
-        if routed is not None:
-            adapter_names, uniform = routed
+        plain = _plain_call_rows(lora_model, state.bank, args, kwargs)
+        if plain is not None:
+            (adapter_names, uniform), routed = plain, True
     if adapter_names is None or kwargs.get("alora_offsets") is not None:
         if isinstance(lora_model, LoraModel):
             with LoraModel._enable_peft_forward_hooks(lora_model, *args, **kwargs):
@@ -626,11 +626,6 @@ def _mixed_batch_context(lora_model: torch.nn.Module, *args, **kwargs):
         names = _validate_names(lora_model, bank, adapter_names, kwargs)
         bank.refresh(set(names))
         _refuse_dora_left_to_peft(bank, set(names))
-        if uniform and names[0] in bank.left_to_peft:
-            raise ValueError(
-                f"peft_fastlora: with max_gpu_adapters, a forward without adapter_names cannot serve {names[0]!r} "
-                "(some layer leaves it to PEFT's path); pass adapter_names=[...] with one name per row."
-            )
         slots = bank.slot_ids(names)
     try:
         expand = _expand_size(lora_model, kwargs)
@@ -641,10 +636,14 @@ def _mixed_batch_context(lora_model: torch.nn.Module, *args, **kwargs):
         handles = []
         try:
             if uniform:
-                # A plain call: PEFT's own modules take the active adapter by themselves, so no hooks.
                 plan.fill_uniform(slots[0])
             else:
                 plan.fill(slots, expand)  # this call's plan alone: no lock needed
+            if routed:
+                # A plain call: PEFT's own modules (and fast layers that leave the adapter to PEFT, see
+                # FastLinearMixin.forward) take the active adapter by themselves, so no hooks.
+                plan.plain_adapter = names[0]
+            else:
                 handles = _hook_peft_modules(lora_model, state, plan, names, expand)
             local.plan, local.peft_hooks = plan, bool(handles)
             ACTIVE.state = state
@@ -675,9 +674,10 @@ def _plain_call_rows(lora_model: torch.nn.Module, bank: AdapterBank, args: tuple
     ``(names, uniform)``, or None to leave the call to PEFT (adapters disabled, a DoRA adapter).
 
     The pool keeps the adapters' weights in host memory, where PEFT's own forward cannot use them; the active
-    adapter is served through the pool instead, with the same result. ``names`` has one entry per row where the
-    call shows its batch (``generate``'s ``input_ids``); else (``PeftModelForCausalLM.forward`` keeps its inputs to
-    itself) it is the one name and ``uniform`` is True: the plan then serves any number of rows with it.
+    adapter is served through the pool instead, with the same result; a layer that leaves that adapter to PEFT runs
+    PEFT's own plain forward (``BatchPlan.plain_adapter``). ``names`` has one entry per row where the call shows its
+    batch (``generate``'s ``input_ids``); else (``PeftModelForCausalLM.forward`` keeps its inputs to itself) it is
+    the one name and ``uniform`` is True: the plan then serves any number of rows with it.
 
     Raises
     ------

@@ -140,6 +140,9 @@ class BatchPlan:
         # Tokens per row of the latest input with a sequence dimension in this call (see ``view``); None: unknown.
         self.tokens_per_row: int | None = None
         self._uniform: int | None = None  # the one slot of every row, whatever their number (fill_uniform)
+        # The active adapter of a plain call served as a mixed one under a GPU pool (patch._plain_call_rows); a
+        # layer that leaves it to PEFT runs PEFT's plain forward. None in every other call.
+        self.plain_adapter: str | None = None
 
     def _ensure_capacity(self, rows: int) -> None:
         if rows <= self.capacity and self.capacity:
@@ -186,6 +189,7 @@ class BatchPlan:
             ``num_return_sequences`` repeat each row this often, as ``repeat_interleave`` does).
         """
         self._uniform = None
+        self.plain_adapter = None
         self.num_input_rows = len(slots)
         self.slots = [slot for slot in slots for _ in range(expand)]
         rows = len(self.slots)
@@ -264,9 +268,9 @@ class BatchPlan:
         """
         device = self.device if device is None else device
         if self._uniform is not None and num_rows != len(self.slots):
-            slot, tokens = self._uniform, self.tokens_per_row
+            slot, tokens, plain = self._uniform, self.tokens_per_row, self.plain_adapter
             self.fill([slot] * num_rows)
-            self._uniform, self.tokens_per_row = slot, tokens
+            self._uniform, self.tokens_per_row, self.plain_adapter = slot, tokens, plain
         if num_rows == len(self.slots):
             if tokens_per_row is not None:
                 self.tokens_per_row = tokens_per_row

@@ -330,6 +330,32 @@ def test_adapters_left_to_peft_beside_pooled_ones():
     assert_close_relative(model(**batch).logits, oracle(**batch).logits)
 
 
+@pytest.mark.parametrize("architecture", ["opt", "llama"])
+@pytest.mark.parametrize("task_type", [None, "CAUSAL_LM"])
+@torch.no_grad()
+def test_plain_call_with_an_active_adapter_left_to_peft(architecture, task_type):
+    """A plain call whose active adapter some layers leave to PEFT (a lora_bias): those layers run PEFT's own plain
+    forward, the others the pool; no hook hands names to flattened inputs (OPT's fc1/fc2 see B × S rows)."""
+    torch.manual_seed(0)
+    targets = tiny.TARGET_MODULES[architecture]
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=targets, init_lora_weights=False, task_type=task_type)
+    model = get_peft_model(tiny.build_base_model(architecture), config, adapter_name="a0").eval()
+    biased = LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, task_type=task_type, lora_bias=True
+    )
+    model.add_adapter("biased", biased)
+    oracle = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match="lora_bias"):
+        patch_model(model, backend="torch", max_gpu_adapters=2)
+    batch = tiny.random_prompts(3, 5, seed=2)
+    kwargs = {"max_new_tokens": 3, "min_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
+    for name in ("biased", "a0"):
+        for twin in (model, oracle):
+            twin.set_adapter(name)
+        assert_close_relative(model(**batch).logits, oracle(**batch).logits)
+        assert torch.equal(model.generate(**batch, **kwargs), oracle.generate(**batch, **kwargs))
+
+
 @torch.no_grad()
 def test_resize_keeps_the_host_storage():
     model, oracle, batch = pooled_and_oracle("torch")
