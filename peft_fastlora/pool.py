@@ -4,19 +4,22 @@ With ``patch_model(model, max_gpu_adapters=K)`` the bank keeps its storage, whic
 in host memory (``host_empty``), and the kernels read a pool instead: per layer (per sibling group), ``K`` GPU
 slots of fixed size, each sized for the largest adapter the layer holds. Before each mixed call the adapters the
 call names that are not resident are copied in (``AdapterPool.place``), into free slots or over the least
-recently used adapters, one copy per layer and factor, no layer repacked. The plan then carries GPU slot ids.
+recently used adapters not held by a call in flight: one copy per layer and factor, all of a call's in one
+``torch._foreach_copy_``, no layer repacked. The plan then carries GPU slot ids.
 
 What keeps a resident copy from going stale (the host storage is the truth; silent stale output is the worst bug):
 
 - a repack of any layer (an adapter added or deleted, a parameter replaced: see ``peft_fastlora.bank``) rebuilds
-  the pool, empty;
+  the pool, the resident adapters copied anew into the slots they had (a call in flight keeps reading them there);
 - a changed scaling rewrites the scales of the resident adapters (``rescale``);
 - an in-place edit of an adapter parameter bumps its autograd version counter (``param.copy_``, an optimizer step,
   ``load_state_dict``): each call compares the version sum of the adapters it names with the one at copy-in;
 - an edit through ``param.data`` (``param.data.copy_``, PEFT's hotswap) bumps no version counter: every read of a
-  stored parameter's ``.data`` is counted (``watched.data_reads``) and empties the pool's residency.
+  stored parameter's ``.data`` is counted (``watched.data_reads``), and after one every resident adapter is copied
+  anew when next named.
 
-Unseen, as for the bank: writes through a NumPy view or a raw pointer.
+Unseen: writes through a NumPy view or a raw pointer, and through a ``.data`` alias taken before an earlier call
+(the bank without a pool sees those: its storage is what the kernels read).
 
 Why fixed-size slots: the device storage, its metadata tensors and the kernels' grids never change with the
 assignment, so a CUDA graph (HF static cache + torch.compile) captured once replays after any swap; only the
