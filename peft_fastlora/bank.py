@@ -29,6 +29,10 @@ each layer's adapter names and each parameter's identity and data pointer (the s
 tensor can own that address), repacks the layers whose parameters moved, and rewrites the per-slot scales that
 changed. DoRA's rescale is derived from the weights, so it is recomputed on every call, as PEFT recomputes it on
 every forward.
+
+Under a GPU pool (``patch_model(..., max_gpu_adapters=K)``, ``peft_fastlora.pool``) the storage is in host memory
+and stays the only copy PEFT sees; the kernels read copies of the adapters a call names in K fixed GPU slots per
+layer, which the pool keeps current. DoRA adapters are then left to PEFT's path.
 """
 
 from __future__ import annotations
