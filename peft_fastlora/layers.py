@@ -184,19 +184,42 @@ FAST_MIXINS = _FastMixins({lora_layer.Linear: FastLinearMixin, lora_layer.Embedd
 """PEFT layer classes served by the packed path, by exact type (other subclasses keep PEFT's path, with a
 warning that names them)."""
 
-_fast_classes: dict[type, type] = {}
+
+class _PooledLayer:
+    """The fast layer of a model patched with a GPU pool: a call that reaches it outside a call of its own model
+    (``model.base_model(...)``, ``model.get_base_model()(...)``, which skip the PeftModel and so the pool) would run
+    PEFT's own forward on adapter weights kept in host memory; it gets a clear error instead (on a GPU, torch's
+    device mismatch). A class of its own, so that unpooled models' compiled forwards read nothing more."""
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        state = getattr(ACTIVE, "state", None)
+        if (state is None or state.key != self._fastlora_key) and not self.disable_adapters:
+            held = self.lora_A.keys() | self.lora_embedding_A.keys()
+            on_host = [name for name in self.active_adapters if name in held - self._fastlora_unsupported]
+            if on_host:
+                raise RuntimeError(
+                    f"peft_fastlora: with max_gpu_adapters, adapter {on_host[0]!r} is in host memory and only a call "
+                    "of the PeftModel itself (model(...), model.generate(...)) serves it; this call reached a LoRA "
+                    "layer without one (e.g. model.base_model(...) or model.get_base_model()(...))."
+                )
+        return super().forward(x, *args, **kwargs)
 
 
-def fast_class(peft_class: type) -> type:
-    """The patched subclass of ``peft_class``, created once and cached.
+_fast_classes: dict[tuple[type, bool], type] = {}
+
+
+def fast_class(peft_class: type, pooled: bool = False) -> type:
+    """The patched subclass of ``peft_class`` (with ``_PooledLayer``'s check where ``pooled``), created once and
+    cached.
 
     It keeps ``peft_class``'s name, so ``print(model)`` reads exactly as before the patch.
     """
-    if peft_class not in _fast_classes:
-        mixin = FAST_MIXINS[peft_class]
+    key = (peft_class, pooled)
+    if key not in _fast_classes:
+        bases = (FAST_MIXINS[peft_class], peft_class)
         namespace = {"__module__": peft_class.__module__, "_fastlora_peft_class": peft_class}
-        _fast_classes[peft_class] = type(peft_class.__name__, (mixin, peft_class), namespace)
-    return _fast_classes[peft_class]
+        _fast_classes[key] = type(peft_class.__name__, (_PooledLayer, *bases) if pooled else bases, namespace)
+    return _fast_classes[key]
 
 
 def is_fast_layer(module: torch.nn.Module) -> bool:
@@ -209,7 +232,7 @@ def patch_layer(module: torch.nn.Module, state) -> None:
     peft_class = type(module)
     module._fastlora_state = state
     module._fastlora_key = state.key
-    module.__class__ = fast_class(peft_class)
+    module.__class__ = fast_class(peft_class, state.pooled)
     _rebind_forwards(module.__dict__, module, peft_class, module.__class__)
 
 

@@ -387,6 +387,7 @@ def _new_state(
     else:
         device = _model_device(fast or lora_layers)
         state = PatchState(backend, get_backend(backend, device), AdapterBank(lora_layers, []), BatchPlan(device))
+        state.pooled = max_gpu_adapters is not None  # before the layers are patched: it picks their class
     for layer in fast:
         if not is_fast_layer(layer):
             patch_layer(layer, state)

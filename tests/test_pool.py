@@ -357,6 +357,25 @@ def test_plain_call_with_an_active_adapter_left_to_peft(architecture, task_type)
 
 
 @torch.no_grad()
+def test_a_call_that_skips_the_peft_model_gets_a_clear_error():
+    """``model.base_model(...)`` reaches the layers without the PeftModel's call (and so without the pool): PEFT's own
+    forward would read the active adapter's weights in host memory (a device error on a GPU)."""
+    model, oracle, batch = pooled_and_oracle("torch")
+    for twin in (model, oracle):
+        twin.set_adapter("a2")
+    for inner in (model.base_model, model.get_base_model()):
+        with pytest.raises(RuntimeError, match="adapter 'a2' is in host memory and only a call of the PeftModel"):
+            inner(**batch)
+    with model.disable_adapter(), oracle.disable_adapter():
+        assert_close_relative(model.get_base_model()(**batch).logits, oracle.get_base_model()(**batch).logits)
+    assert_close_relative(model(**batch).logits, oracle(**batch).logits)
+    unpooled, _, _ = pooled_and_oracle("torch", capacity=3)
+    patch_model(unpooled, backend="torch")  # without a pool the same call is PEFT's own, as before
+    unpooled.set_adapter("a2")
+    assert_close_relative(unpooled.base_model(**batch).logits, oracle.base_model(**batch).logits)
+
+
+@torch.no_grad()
 def test_resize_keeps_the_host_storage():
     model, oracle, batch = pooled_and_oracle("torch")
     assert_matches(model, oracle, batch, ["a0", "a1", "a2", "a0"])
