@@ -84,23 +84,38 @@ class _FastLayer:
         return object.__new__, (peft_class,), state
 
 
+def _route(layer, kwargs: dict):
+    """How ``layer`` (a fast layer) serves the current call: None for PEFT's own forward (no mixed call of its model
+    on this thread, adapters disabled, a routed plain call whose adapter the layer leaves to PEFT, or PEFT's hook
+    handing it ``adapter_names`` without a GPU pool); else ``(state, plan, peft_rows)``, ``peft_rows`` telling that
+    PEFT's hook handed it names (under a pool: PEFT computes those rows, the kernels the rest).
+
+    A module function, not a method: dynamo guards a method looked up on each layer with a check of that layer's
+    ``__dict__`` on every compiled call (one per LoRA layer), a global function once."""
+    state = getattr(ACTIVE, "state", None)
+    if state is None or state.key != layer._fastlora_key:
+        return None
+    plan = state.plan
+    if plan is None or layer.disable_adapters:
+        return None
+    if plan.plain_adapter is not None and plan.plain_adapter in layer._fastlora_unsupported:
+        return None  # a routed plain call (see BatchPlan.plain_adapter)
+    # Only PEFT's hooks (state.peft_hooks) hand a layer adapter_names inside a mixed call; reading the flag here
+    # makes dynamo guard on it, so a graph compiled without hooks is not replayed for a call with them.
+    peft_rows = state.peft_hooks and "adapter_names" in kwargs
+    if peft_rows and not state.pooled:
+        return None
+    return state, plan, peft_rows
+
+
 class FastLinearMixin(_FastLayer):
     """Mixed-batch forward for PEFT's ``lora.Linear`` (nn.Linear, and transformers' Conv1D via fan_in_fan_out)."""
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        state = getattr(ACTIVE, "state", None)
-        if state is None or state.key != self._fastlora_key:
+        route = _route(self, kwargs)
+        if route is None:
             return super().forward(x, *args, **kwargs)
-        plan = state.plan
-        # Only PEFT's hooks (state.peft_hooks) hand a layer adapter_names inside a mixed call; reading the flag here
-        # makes dynamo guard on it, so a graph compiled without hooks is not replayed for a call with them.
-        if plan is None or self.disable_adapters:
-            return super().forward(x, *args, **kwargs)
-        if plan.plain_adapter is not None and plan.plain_adapter in self._fastlora_unsupported:
-            return super().forward(x, *args, **kwargs)  # a routed plain call (see BatchPlan.plain_adapter)
-        peft_rows = state.peft_hooks and "adapter_names" in kwargs
-        if peft_rows and not state.pooled:
-            return super().forward(x, *args, **kwargs)
+        state, plan, peft_rows = route
         tokens = x.shape[1:-1].numel() if x.dim() > 2 else None  # [B, S, H]: S tokens per row (see BatchPlan.view)
         view = plan.view(x.shape[0], flattened=x.dim() == 2, device=x.device, tokens_per_row=tokens)
         if self._needs_autograd(x, state):
@@ -127,17 +142,10 @@ class FastEmbeddingMixin(_FastLayer):
     """Mixed-batch forward for PEFT's ``lora.Embedding``."""
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        state = getattr(ACTIVE, "state", None)
-        if state is None or state.key != self._fastlora_key:
+        route = _route(self, kwargs)
+        if route is None:
             return super().forward(x, *args, **kwargs)
-        plan = state.plan
-        if plan is None or self.disable_adapters:
-            return super().forward(x, *args, **kwargs)
-        if plan.plain_adapter is not None and plan.plain_adapter in self._fastlora_unsupported:
-            return super().forward(x, *args, **kwargs)  # a routed plain call (see BatchPlan.plain_adapter)
-        peft_rows = state.peft_hooks and "adapter_names" in kwargs
-        if peft_rows and not state.pooled:
-            return super().forward(x, *args, **kwargs)
+        state, plan, peft_rows = route
         tokens = x.shape[1:].numel() if x.dim() > 1 else None  # ids [B, S]: S tokens per row (see BatchPlan.view)
         view = plan.view(x.shape[0], flattened=x.dim() == 1, device=x.device, tokens_per_row=tokens)
         if self._needs_autograd(x, state):

@@ -292,11 +292,11 @@ class AdapterPool:
                 missing.append(name)
         keep = set(wanted)
         reusable = [self.resident[name] for name in self.resident if name not in keep and not self._busy(name)]
-        targets = [self.resident[name] for name in missing if name in self.resident and not self._busy(name)]
+        own_slots = [self.resident[name] for name in missing if name in self.resident and not self._busy(name)]
         stale_busy = [name for name in missing if name in self.resident and self._busy(name)]
         taken = set(self.resident.values())
         free = [gpu_slot for gpu_slot in range(self.capacity) if gpu_slot not in taken and not self._in_use[gpu_slot]]
-        needed = len(missing) - len(targets)
+        needed = len(missing) - len(own_slots)  # (a stale resident adapter is copied again into its own slot)
         if needed > len(free) + len(reusable) or stale_busy:
             raise ValueError(
                 f"This call needs {len(missing)} adapters copied to the GPU, but the GPU slots are held by calls in "
