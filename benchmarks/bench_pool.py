@@ -170,6 +170,8 @@ def run(args) -> dict:
     result["timeline_s"]["patch_s"] = time.perf_counter() - started
     pool = pooled.base_model._fastlora_state.bank.pool
     pool.timing = True  # CUDA events around each call's copies (copy_gpu_seconds)
+    # Whether the copies read the host storage through CUDA views (zero-copy) rather than a DMA per piece.
+    result["zero_copy"] = all(source.is_cuda for unit in pool.units for source in (unit.source_a, *unit.source_b))
     if device == "cuda":
         result["gpu_bytes_freed_by_pool_patch"] = before - torch.cuda.memory_allocated()
         result["pool_device_bytes"] = sum(
@@ -269,7 +271,8 @@ def _print(result: dict) -> None:
               f"{row.get('vs_resident_zipf', float('nan')):.3f} |")  # fmt: skip
     for copy_stats in result["pool_copies"]:
         print(f"pool call: {copy_stats}")
-    print(f"compilations during the timed repeats: {result['compilations_during_timing']}")
+    print(f"compilations during the timed repeats: {result['compilations_during_timing']}; "
+          f"zero-copy reads: {result['zero_copy']}")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from .bank import BASE_SLOT, PackedLora, SiblingGroup
+from .host_memory import device_view
 from .peft_messages import BASE_ADAPTER_NAME
 from .watched import data_reads
 
@@ -63,6 +64,11 @@ class _PooledUnit:
     ):
         self.host = host
         self.host_meta = [packed.meta.numpy() for packed in host]  # (host tensors: read without torch's overhead)
+        # Where copies read the host storage: a CUDA view of it where the GPU can address it (zero-copy reads, one
+        # fused kernel for many pieces: see ``host_memory.device_view``), else the host tensors (a DMA per piece).
+        group_a = host[0].a
+        self.source_a = _readable(group_a, device)
+        self.source_b = [_readable(packed.b, device) for packed in host]
         self._slot_views: dict[int, list] = {}
         self.caps = [packed.max_rank for packed in host]
         self.inner = [sum(self.caps[:index]) for index in range(len(host))]
@@ -111,12 +117,12 @@ class _PooledUnit:
             packed.ranks[slot] == cap for packed, cap in zip(self.host, self.caps, strict=True)
         )
         if whole:  # every member at its cap: the group's rows of this slot are one block, as on the device
-            source = group.a[group.offsets[slot] : group.offsets[slot] + group.ranks[slot]]
+            source = self.source_a[group.offsets[slot] : group.offsets[slot] + group.ranks[slot]]
             targets.append(slot_targets[0])
             sources.append(source)
             copied += source.nbytes
-        for packed, (rows, b), cap, scales, meta in zip(
-            self.host, slot_targets[1:], self.caps, self.scale_mirrors, self.host_meta, strict=True
+        for packed, (rows, b), cap, scales, meta, source_b in zip(
+            self.host, slot_targets[1:], self.caps, self.scale_mirrors, self.host_meta, self.source_b, strict=True
         ):
             rank, out = packed.ranks[slot], packed.out_features
             if not rank:  # the layer lacks this adapter: it adds nothing (zeros, so no stale value can leak)
@@ -125,14 +131,14 @@ class _PooledUnit:
                 scales[gpu_slot] = 0
                 continue
             if not whole:
-                source = packed.a[packed.a_offsets[slot] : packed.a_offsets[slot] + rank]
+                source = self.source_a[packed.a_offsets[slot] : packed.a_offsets[slot] + rank]
                 targets.append(rows[:rank])
                 sources.append(source)
                 copied += source.nbytes
                 if rank < cap:
                     rows[rank:].zero_()
             b_start = packed.b_offsets[slot] * out
-            source = packed.b[b_start : b_start + rank * out].view(out, rank)
+            source = source_b[b_start : b_start + rank * out].view(out, rank)
             targets.append(b if rank == cap else b[:, :rank])
             sources.append(source)
             if rank < cap:
@@ -160,6 +166,26 @@ class _PooledUnit:
         """Rewrite the mirrored scale of GPU slot ``gpu_slot`` from bank slot ``slot``'s host value."""
         for packed, scales, meta in zip(self.host, self.scale_mirrors, self.host_meta, strict=True):
             scales[gpu_slot] = meta[4, slot] if packed.ranks[slot] else 0
+
+
+def _readable(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``host`` as the pool's copies read it: its CUDA view where the GPU can address it, else itself."""
+    view = device_view(host, device)
+    return host if view is None else view
+
+
+def _copy_all(targets: list[torch.Tensor], sources: list[torch.Tensor], non_blocking: bool) -> None:
+    """``target.copy_(source)`` for every pair, in as few launches as torch allows: ``torch._foreach_copy_`` runs
+    one fused kernel over many pairs only when every pair is dense and of one dtype and device (any other pair
+    sends the whole list through its per-pair loop), so pairs are grouped by those first."""
+    groups: dict[tuple, tuple[list, list]] = {}
+    for target, source in zip(targets, sources, strict=True):
+        key = (target.dtype, source.dtype, source.device, target.is_contiguous() and source.is_contiguous())
+        group = groups.setdefault(key, ([], []))
+        group[0].append(target)
+        group[1].append(source)
+    for group_targets, group_sources in groups.values():
+        torch._foreach_copy_(group_targets, group_sources, non_blocking=non_blocking)
 
 
 class AdapterPool:
@@ -237,7 +263,7 @@ class AdapterPool:
             self.resident[name] = gpu_slot
             self._versions[name] = self._version_sum(name)
         if targets:
-            torch._foreach_copy_(targets, sources, non_blocking=self.pin)
+            _copy_all(targets, sources, non_blocking=self.pin)
         self._meta.copy_(self._mirror_tensor)
         self._data_reads = data_reads()
 
@@ -327,7 +353,7 @@ class AdapterPool:
             self.stats["misses"] += 1
         if missing:
             # One call for every weight copy (a C++ loop of asynchronous copies from page-locked memory).
-            torch._foreach_copy_(targets, sources, non_blocking=self.pin)
+            _copy_all(targets, sources, non_blocking=self.pin)
             self._meta.copy_(self._mirror_tensor, non_blocking=self.pin)
             if self.pin:
                 self._copied = torch.cuda.Event(enable_timing=self.timing)

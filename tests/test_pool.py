@@ -26,6 +26,7 @@ from test_compile import compilations, compiled_kwargs, generated_vs_oracle
 from torch._dynamo.utils import counters
 
 from peft_fastlora import patch_model, tiny, unpatch_model
+from peft_fastlora.host_memory import device_view, host_empty
 
 BACKENDS = ["torch", pytest.param("triton", marks=interpreted)]
 TARGETS = [*tiny.TARGET_MODULES["llama"], "embed_tokens", "lm_head"]
@@ -525,6 +526,8 @@ def test_pool_on_gpu(backend, tmp_path):
     patch_model(model, backend=backend, max_gpu_adapters=2)
     stored = model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["a"].weight
     assert stored.device.type == "cpu" and stored.is_pinned()
+    sources = [source for unit in pool_of(model).units for source in (unit.source_a, *unit.source_b)]
+    assert all(source.is_cuda for source in sources), "the copies read the host storage through DMA, not zero-copy"
     compared = []
     for rows in (["a", "b", "__base__", "v"], ["c", "d", "c", "d"], ["b", "c", "v", "__base__"]):
         batch, names = oracle_batch(rows, "cuda", rows=64, length=16)
@@ -559,6 +562,30 @@ def test_compiled_generate_on_gpu_does_not_recompile_on_a_swap(tmp_path):
     assert pool_of(model).stats["misses"] >= 6
     ours, peft_logits, expected = (torch.cat(parts) for parts in zip(*compared, strict=True))
     assert_no_worse_than_peft_logits(ours, peft_logits, expected, label="compiled pool bf16")
+
+
+def test_no_device_view_of_memory_a_gpu_cannot_read():
+    """``device_view`` gives None (the pool then copies from the host tensors) for a CPU device and for memory that
+    is not page-locked."""
+    host = torch.randn(64)
+    assert device_view(host, torch.device("cpu")) is None
+    assert device_view(host, torch.device("cuda", 0)) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("numel", [1000, 3 << 20])  # (below and above the exact-pinning size)
+@torch.no_grad()
+def test_device_view_reads_and_sees_the_host_memory(numel):
+    """A CUDA view of page-locked host storage holds the host's values, and a later host write shows through it."""
+    host = host_empty(numel, torch.bfloat16, pin=True)
+    host.copy_(torch.randn(numel))
+    view = device_view(host, torch.device("cuda", torch.cuda.current_device()))
+    assert view is not None and view.is_cuda and view.dtype == host.dtype and view.shape == host.shape
+    copied = torch.full_like(view, float("nan"))
+    copied.copy_(view)
+    assert torch.equal(copied.cpu(), host)
+    host[-3:] = torch.tensor([1.0, 2.0, 3.0])
+    assert view[-3:].tolist() == [1.0, 2.0, 3.0]
 
 
 @pytest.mark.gpu
