@@ -52,7 +52,18 @@ from .dora import DoraScales, dora_adapters, dora_scales, refresh_dora_scales
 from .host_memory import host_empty
 from .peft_messages import BASE_ADAPTER_NAME
 from .storage_keys import register as _register_storage
-from .watched import BankParameter, data_quietly, is_watched, set_data_quietly, unwatch, watch, writes
+from .watched import (
+    BankParameter,
+    data_quietly,
+    is_watched,
+    scaling_writes,
+    set_data_quietly,
+    unwatch,
+    unwatch_scaling,
+    watch,
+    watch_scaling,
+    writes,
+)
 
 BASE_SLOT = -1
 """The slot id of a ``"__base__"`` row: no LoRA."""
@@ -629,6 +640,8 @@ class AdapterBank:
         self._lora_layers: list[LoraLayer] = []
         self._fast_layers: list[LoraLayer] = []
         self._snapshot: _Snapshot | None = None
+        # (scaling_writes() at the last walk over the scalings, the watched dicts), or None: see _watch_scalings.
+        self._scales_seen: tuple[int, list] | None = None
         self._names_cache: tuple[tuple, set[str], set[str]] | None = None
         self.lora_layers = lora_layers
         self.fast_layers = fast_layers
@@ -740,9 +753,32 @@ class AdapterBank:
     def _refresh_values(self, named: set[str] | None) -> None:
         """The per-call refresh while the snapshot holds: every parameter is still a view of the storage, so
         only scalings (``set_scale``) and DoRA's rescale (derived from the weights) are reread."""
+        counted = scaling_writes()  # (before the walk: a change made during it is seen by the next call)
+        seen = self._scales_seen
+        current = (
+            seen is not None
+            and seen[0] == counted
+            and all(layer.__dict__.get("scaling") is scaling for layer, scaling in seen[1])
+        )
         for unit in self._units.values():
-            self._update_scales(unit)
+            if not current:
+                self._update_scales(unit)
             self._refresh_dora(unit.layers, named)
+        if not current:
+            self._scales_seen = self._watch_scalings(counted)
+
+    def _watch_scalings(self, counted: int) -> tuple[int, list[tuple[LoraLayer, dict]]] | None:
+        """After a walk that brought every stored scale up to date: ``(counted, (layer, its scaling dict) pairs)``,
+        each dict made a ``WatchedScalings``, so that later calls skip the walk while no dict was written or
+        replaced. None where a scaling is a tensor (changed in place, unseen by the count: walk every call)."""
+        pairs = []
+        for unit in self._units.values():
+            for layer in unit.layers:
+                # (the values, not the unit's plain copy: a 0-d tensor of an equal value compares equal to it)
+                if _plain_copy(layer.scaling) is None:
+                    return None
+                pairs.append((layer, watch_scaling(layer)))
+        return counted, pairs
 
     def _refresh_dora(self, layers: list[LoraLayer], named: set[str] | None) -> None:
         """Recompute the DoRA rescale of ``layers`` that hold DoRA adapters (of ``named`` only, where given): it is
@@ -753,6 +789,8 @@ class AdapterBank:
                 refresh_dora_scales(layer, self.slots, dora, named)
 
     def _refresh(self, named: set[str] | None) -> None:
+        counted = scaling_writes()
+        self._scales_seen = None
         self._assign_slots()
         self.groups = []
         grouped = {id(layer) for members in self.sibling_candidates for layer in members}
@@ -778,6 +816,7 @@ class AdapterBank:
             if len(layers) > 1:
                 self.groups.append(layers[0]._fastlora_packed.group)
         self._units = kept
+        self._scales_seen = self._watch_scalings(counted)
         if self.max_gpu_adapters is not None and repacked:
             self._rebuild_pool()
         # Packing may have given an embedding's ParameterDict a watched _parameters dict (a new object): count
@@ -925,6 +964,8 @@ class AdapterBank:
             for name in adapter_parameters(layer):
                 for module, _ in _owners(layer, name):
                     unwatch(module)
+            unwatch_scaling(layer)
+        self._scales_seen = None
         self._units = {key: unit for key, unit in self._units.items() if layer not in unit.layers}
 
     def _warn_left_to_peft(self, found: set[tuple[str, str]]) -> None:

@@ -33,12 +33,22 @@ import torch
 
 _COUNTER = itertools.count(1)  # next() is atomic under the GIL: writes from several threads are each counted
 _WRITES = [0]
+_SCALING_WRITES = [0]
 _DATA_READS = [0]
 _tensor_data = torch._C.TensorBase.data  # the C getset descriptor behind ``Tensor.data``
 
 
 def _count() -> None:
     _WRITES[0] = next(_COUNTER)
+
+
+def _count_scaling() -> None:
+    _SCALING_WRITES[0] = next(_COUNTER)
+
+
+def scaling_writes() -> int:
+    """A number that changes with every write into a ``WatchedScalings`` dict."""
+    return _SCALING_WRITES[0]
 
 
 def writes() -> int:
@@ -88,11 +98,11 @@ class BankParameter(torch.nn.Parameter):
         return result
 
 
-def _counted(method_name: str):
+def _counted(method_name: str, count=_count):
     method = getattr(dict, method_name)
 
     def counted(self, *args, **kwargs):
-        _count()
+        count()
         return method(self, *args, **kwargs)
 
     counted.__name__ = method_name
@@ -115,6 +125,41 @@ class WatchedParameters(dict):
 
     def __reduce_ex__(self, protocol: int):
         return dict, (dict(self),)
+
+
+class WatchedScalings(dict):
+    """A LoRA layer's ``scaling`` dict whose writes are counted (see ``scaling_writes``): PEFT changes a scaling
+    only through the dict (``update_layer``, ``set_scale``, ``scale_layer``, ``unscale_layer``, deletion), so the
+    per-call check skips comparing every layer's dict, of every registered adapter, while the count stands (3 ms a
+    call on a CPU for 32 layers and 400 adapters). Copies and pickles are plain dicts."""
+
+    __slots__ = ()
+    __setitem__ = _counted("__setitem__", _count_scaling)
+    __delitem__ = _counted("__delitem__", _count_scaling)
+    __ior__ = _counted("__ior__", _count_scaling)
+    pop = _counted("pop", _count_scaling)
+    popitem = _counted("popitem", _count_scaling)
+    clear = _counted("clear", _count_scaling)
+    update = _counted("update", _count_scaling)
+    setdefault = _counted("setdefault", _count_scaling)
+
+    def __reduce_ex__(self, protocol: int):
+        return dict, (dict(self),)
+
+
+def watch_scaling(layer: torch.nn.Module) -> dict:
+    """Make ``layer.scaling`` a ``WatchedScalings`` (same entries) and return it."""
+    scaling = layer.__dict__["scaling"]
+    if type(scaling) is not WatchedScalings:
+        layer.__dict__["scaling"] = scaling = WatchedScalings(scaling)
+    return scaling
+
+
+def unwatch_scaling(layer: torch.nn.Module) -> None:
+    """Undo ``watch_scaling``: a plain dict."""
+    scaling = layer.__dict__.get("scaling")
+    if type(scaling) is WatchedScalings:
+        layer.__dict__["scaling"] = dict(scaling)
 
 
 def watch(module: torch.nn.Module, names: list[str]) -> None:

@@ -36,13 +36,13 @@ def _config(rank: int, **extra) -> LoraConfig:
     return LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, init_lora_weights=False, **extra)
 
 
-def pooled_and_oracle(backend: str, capacity: int = 3, adapters: int = 6, seed: int = 0):
+def pooled_and_oracle(backend: str, capacity: int = 3, adapters: int = 6, seed: int = 0, rank: int | None = None):
     """``(patched model with a pool of capacity, unpatched oracle, batch of 4 rows)``; adapters a0.. have ranks
-    2, 4, 6, ... (the pool's slots are sized for the largest)."""
+    2, 4, 6, ... (the pool's slots are sized for the largest), or all ``rank``."""
     torch.manual_seed(seed)
-    model = get_peft_model(tiny.build_base_model("llama", seed=seed), _config(2), adapter_name="a0").eval()
+    model = get_peft_model(tiny.build_base_model("llama", seed=seed), _config(rank or 2), adapter_name="a0").eval()
     for index in range(1, adapters):
-        model.add_adapter(f"a{index}", _config(2 + 2 * index))
+        model.add_adapter(f"a{index}", _config(rank or 2 + 2 * index))
     oracle = copy.deepcopy(model)
     patch_model(model, backend=backend, max_gpu_adapters=capacity)
     return model, oracle, tiny.random_prompts(4, 6, seed=seed + 1)
@@ -57,10 +57,12 @@ def assert_matches(model, oracle, batch, names) -> None:
     assert_close_relative(model(**batch, adapter_names=names).logits, oracle(**batch, adapter_names=names).logits)
 
 
+@pytest.mark.parametrize("rank", [None, 8], ids=["ranks-2-to-12", "rank-8"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_many_swaps_match_peft(backend):
-    """Batches drawn at random from 6 adapters through 3 GPU slots: every call matches unpatched PEFT."""
-    model, oracle, batch = pooled_and_oracle(backend)
+def test_many_swaps_match_peft(backend, rank):
+    """Batches drawn at random from 6 adapters through 3 GPU slots: every call matches unpatched PEFT. Adapters
+    of one rank take the copies' fast path (source views kept per adapter), the others the general one."""
+    model, oracle, batch = pooled_and_oracle(backend, rank=rank)
     rng = random.Random(int(torch.randint(0, 1000, ())))
     calls = 12 if backend == "torch" else 4
     for _ in range(calls):
@@ -70,6 +72,8 @@ def test_many_swaps_match_peft(backend):
     pool = pool_of(model)
     assert pool.stats["misses"] > 3, "the calls never swapped"
     assert len(pool.resident) <= 3
+    fast = [full is not None for full in pool._full_sources.values()]
+    assert (fast and all(fast)) if rank else fast.count(True) <= 1  # (a5, rank 12, is the only one at every cap)
 
 
 def test_greedy_generate_matches_peft():
@@ -135,6 +139,21 @@ def test_swaps_while_adapters_are_added_and_deleted(backend):
     with pytest.raises(ValueError, match="non-existing adapter"):
         model(**batch, adapter_names=["a1", "a0", "a0", "a0"])
     assert "a1" not in pool_of(model).resident
+
+
+@torch.no_grad()
+def test_a_new_adapter_in_a_deleted_ones_place_is_copied_anew():
+    """Adapters of one rank (the copies' fast path keeps each one's source views): an adapter deleted, then a new one
+    of the same rank added, which may take its place in the storage, is served with its own weights."""
+    model, oracle, batch = pooled_and_oracle("torch", capacity=2, adapters=3, rank=4)
+    assert_matches(model, oracle, batch, ["a0", "a1", "__base__", "a1"])
+    assert_matches(model, oracle, batch, ["a2", "a0", "a2", "a0"])
+    for twin in (model, oracle):
+        twin.delete_adapter("a1")
+        torch.manual_seed(12)
+        twin.add_adapter("new", _config(4))
+    assert_matches(model, oracle, batch, ["new", "a2", "new", "__base__"])
+    assert_matches(model, oracle, batch, ["a0", "new", "a0", "a0"])
 
 
 def _edit_b(models, name: str, edit) -> None:

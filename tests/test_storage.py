@@ -105,6 +105,25 @@ def set_scale(name: str):
     return apply
 
 
+def _scale_layer(model, seed):
+    """PEFT's ``scale_layer`` (``scaling[active] *= scale``, what ``_enable_peft_forward_hooks`` of some PEFT
+    methods does), on the active adapter."""
+    for layer in lora_layers(model):
+        layer.scale_layer(1.5 + seed % 3)
+
+
+def _scaling_dict_write(model, seed):
+    for layer in lora_layers(model):
+        if "b" in layer.scaling:
+            layer.scaling["b"] = 0.1 * (seed % 7 + 1)
+
+
+def _scaling_dict_replaced(model, seed):
+    """The whole dict replaced (written past PEFT's methods): a new object, unwatched."""
+    for layer in lora_layers(model):
+        layer.scaling = {name: value * (1.0 + seed % 5) for name, value in layer.scaling.items()}
+
+
 def _load_state_dict(assign: bool):
     def apply(model, seed):
         generator = torch.Generator().manual_seed(seed)
@@ -148,6 +167,9 @@ EDITS = {
     "numpy_view": edit_every_layer(numpy_write, "a", "B"),
     "data_assign": edit_every_layer(data_assign, "b", "A"),
     "set_scale": set_scale("b"),
+    "scale_layer": _scale_layer,
+    "scaling[b] =": _scaling_dict_write,
+    "scaling dict replaced": _scaling_dict_replaced,
     "load_state_dict": _load_state_dict(assign=False),
     "load_state_dict_assign": _load_state_dict(assign=True),
     "model.to(float64)": _to_float64,
@@ -169,6 +191,19 @@ def test_edit_after_a_call_is_seen(edit, backend):
         assert actual.dtype == expected.dtype
         assert_close_relative(actual, expected)
         assert (actual - oracle(**batch).logits).abs().max() > 1e-3  # the adapters matter in this batch
+
+
+@torch.no_grad()
+def test_scaling_dicts_are_watched_while_patched_and_plain_in_copies_and_after():
+    """The per-call check counts writes into the scaling dicts instead of comparing them; a copy of the model,
+    and the model once unpatched, carry plain dicts."""
+    model, oracle, batch = patched_and_oracle("torch")
+    assert {type(layer.scaling).__name__ for layer in lora_layers(model)} == {"WatchedScalings"}
+    copied = copy.deepcopy(model)
+    assert {type(layer.scaling) for layer in lora_layers(copied)} == {dict}
+    unpatch_model(model)
+    assert {type(layer.scaling) for layer in lora_layers(model)} == {dict}
+    assert_close_relative(model(**batch, adapter_names=NAMES).logits, oracle(**batch, adapter_names=NAMES).logits)
 
 
 @torch.no_grad()
