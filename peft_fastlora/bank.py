@@ -43,6 +43,7 @@ import operator
 import warnings
 import weakref
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from peft.tuners.lora import LoraLayer
@@ -170,6 +171,27 @@ class SiblingGroup:
         return self.a, self.offsets_dev, self.ranks_dev
 
 
+class LaunchFields(NamedTuple):
+    """What a forward reads of a layer's ``PackedLora`` to choose and size its launches, as plain values.
+
+    Under torch.compile each field read from the ``PackedLora`` itself was a guard checked on every call, 8 per LoRA
+    layer; read through ``storage_keys.launch_fields`` the whole tuple is a constant of the traced graph, guarded
+    only through ``key`` (which a repack renews). So none of it may change while the ``PackedLora`` lives."""
+
+    key: int
+    num_slots: int
+    max_rank: int
+    has_dora: bool
+    group_key: int | None
+    leader: bool
+    last: bool
+    group_max_rank: int
+    fused: bool
+    member_keys: tuple[int, ...]
+    member_index: int
+    group_rank: int
+
+
 @dataclass
 class PackedLora:
     """One layer's adapters in their packed storage.
@@ -208,6 +230,10 @@ class PackedLora:
     group_key, group_max_rank : int or None, int
         The group's ``key`` and ``max_rank`` (None and 0 without one), as plain ints of this layer: what a compiled
         forward reads of the group (see ``SiblingGroup``).
+    fused, member_keys, member_index, group_rank : bool, tuple[int, ...], int, int
+        Set by ``link_siblings``: whether the group's leader computes every member's output in one go (the base
+        layers, one shrink, one expand launch for all; see ``layers.FastLinearMixin``), the members' storage keys
+        (leader first), this layer's place among them, and the members' largest ``max_rank``.
     launches : dict
         The backend's launches prepared for this storage, per batch shape (see ``backends/triton.py``); a repack
         makes a new ``PackedLora``, so none outlives the tensors it reads.
@@ -226,6 +252,10 @@ class PackedLora:
     last: bool = False
     group_key: int | None = None
     group_max_rank: int = 0
+    fused: bool = False
+    member_keys: tuple[int, ...] = ()
+    member_index: int = 0
+    group_rank: int = 0
     launches: dict = field(default_factory=dict, repr=False)
     max_rank: int = field(init=False)
     num_slots: int = field(init=False)
@@ -247,6 +277,14 @@ class PackedLora:
     def h_cols(self) -> torch.Tensor | None:
         """int32 ``[num_slots]``: where this layer's part of each slot starts in its group's shrink output."""
         return None if self.group is None else self.meta[3]
+
+    @functools.cached_property
+    def fields(self) -> LaunchFields:
+        """This storage's ``LaunchFields``, read once the packing has set every field (on the first forward)."""
+        return LaunchFields(
+            self.key, self.num_slots, self.max_rank, self.dora is not None, self.group_key, self.leader, self.last,
+            self.group_max_rank, self.fused, self.member_keys, self.member_index, self.group_rank,
+        )  # fmt: skip
 
     @property
     def dtype(self) -> torch.dtype:
@@ -370,6 +408,28 @@ SIBLING_NAMES = (
 )
 """Module names that, under one parent, read the same input in the architectures transformers ships. A grouping
 is only a hint: a member whose input is not the leader's computes its own shrink (see PlanView.shared_shrink)."""
+
+
+MAX_FUSED_MEMBERS = 3
+"""The most members a group's single expand launch serves (q/k/v); larger groups launch per member."""
+
+
+def link_siblings(layers: list[LoraLayer]) -> None:
+    """Tell a sibling group's layers (their ``PackedLora`` just made) whether the leader serves them all at once:
+    with 2 or 3 members, none holding DoRA adapters and every base layer a plain ``torch.nn.Linear`` (so every
+    output is a fresh contiguous tensor of the input's dtype). The leader then keeps its siblings in
+    ``_fastlora_siblings`` (``()`` otherwise)."""
+    packs = [layer._fastlora_packed for layer in layers]
+    fused = (
+        2 <= len(layers) <= MAX_FUSED_MEMBERS
+        and packs[0].group is not None
+        and all(packed.dora is None for packed in packs)
+        and all(type(layer.get_base_layer()) is torch.nn.Linear for layer in layers)
+    )
+    keys, rank = tuple(packed.key for packed in packs), max(packed.max_rank for packed in packs)
+    for index, packed in enumerate(packs):
+        packed.fused, packed.member_keys, packed.member_index, packed.group_rank = fused, keys, index, rank
+    layers[0]._fastlora_siblings = tuple(layers[1:]) if fused else ()
 
 
 def sibling_groups(named_layers: list[tuple[str, LoraLayer]]) -> list[list[LoraLayer]]:
@@ -895,6 +955,10 @@ class AdapterBank:
             unit.held.append(params)
             unit.scalings.append(self._scalings(layer, served))
             unit.plain_scalings.append(_plain_copy(layer.scaling))
+        if len(unit.layers) > 1:
+            link_siblings(unit.layers)
+        else:
+            unit.layers[0].__dict__.pop("_fastlora_siblings", None)  # a former leader's siblings: not kept alive
         return left_to_peft
 
     def _scalings(self, layer: LoraLayer, served) -> tuple:
@@ -949,6 +1013,8 @@ class AdapterBank:
         for unit, device_packs in zip(units, self.pool.device_packs(), strict=True):
             for layer, pooled in zip(unit.layers, device_packs, strict=True):
                 layer._fastlora_packed = pooled
+            if len(unit.layers) > 1:
+                link_siblings(unit.layers)
         self.groups = [packs[0].group for packs in self.pool.device_packs() if packs[0].group is not None]
 
     def release(self, layer: LoraLayer) -> None:

@@ -25,8 +25,11 @@ import torch
 from peft.tuners.lora import layer as lora_layer
 
 from .dora import apply_dora, dora_dtype
+from .storage_keys import launch_fields
 
-PATCH_ATTRIBUTES = ("_fastlora_state", "_fastlora_key", "_fastlora_packed", "_fastlora_unsupported")
+PATCH_ATTRIBUTES = (
+    "_fastlora_state", "_fastlora_key", "_fastlora_packed", "_fastlora_unsupported", "_fastlora_siblings"
+)  # fmt: skip
 """What ``patch_layer`` and the bank attach to a layer; none of it belongs in a copy or a pickle."""
 
 ACTIVE = threading.local()
@@ -42,32 +45,7 @@ each layer adds only an int comparison."""
 
 
 class _FastLayer:
-    """What every fast layer class shares: the autograd fallback and pickling as PEFT's own class."""
-
-    def _needs_autograd(self, x: torch.Tensor, state) -> bool:
-        """True where autograd must record this layer: grad mode is on and the input, an adapter weight or the
-        base weight requires grad.
-
-        Raises
-        ------
-        RuntimeError
-            There, under a GPU pool (``state.pooled``): the adapters' weights are in host memory, where PEFT's path
-            (the only one with a backward) cannot read them."""
-        if not torch.is_grad_enabled():
-            return False
-        if not (x.requires_grad or getattr(self.get_base_layer().weight, "requires_grad", False)):
-            parts = (
-                self.lora_A, self.lora_B, self.lora_embedding_A, self.lora_embedding_B, self.lora_magnitude_vector
-            )  # fmt: skip
-            if not any(parameter.requires_grad for part in parts for parameter in part.parameters()):
-                return False
-        if state.pooled:
-            raise RuntimeError(
-                "peft_fastlora: with max_gpu_adapters the adapters' weights are in host memory and a forward that "
-                "records gradients cannot use them; run it under torch.no_grad() (generate does), or unpatch_model "
-                "to train."
-            )
-        return True
+    """What every fast layer class shares: the autograd fallback's row names and pickling as PEFT's own class."""
 
     def _row_names(self, view) -> list[str]:
         """The adapter name of each leading-dimension entry of ``view`` (one host sync; the autograd path only)."""
@@ -82,6 +60,32 @@ class _FastLayer:
         state = {key: value for key, value in self.__getstate__().items() if key not in PATCH_ATTRIBUTES}
         _rebind_forwards(state, self, type(self), peft_class)  # an accelerate hook's bound forward: a PEFT layer's
         return object.__new__, (peft_class,), state
+
+
+def _needs_autograd(layer, x: torch.Tensor, state) -> bool:
+    """True where autograd must record ``layer``: grad mode is on and the input, an adapter weight or the base
+    weight requires grad. (A module function, as ``_route`` is: a method costs a guard per layer.)
+
+    Raises
+    ------
+    RuntimeError
+        There, under a GPU pool (``state.pooled``): the adapters' weights are in host memory, where PEFT's path
+        (the only one with a backward) cannot read them."""
+    if not torch.is_grad_enabled():
+        return False
+    if not (x.requires_grad or getattr(layer.get_base_layer().weight, "requires_grad", False)):
+        parts = (
+            layer.lora_A, layer.lora_B, layer.lora_embedding_A, layer.lora_embedding_B, layer.lora_magnitude_vector
+        )  # fmt: skip
+        if not any(parameter.requires_grad for part in parts for parameter in part.parameters()):
+            return False
+    if state.pooled:
+        raise RuntimeError(
+            "peft_fastlora: with max_gpu_adapters the adapters' weights are in host memory and a forward that "
+            "records gradients cannot use them; run it under torch.no_grad() (generate does), or unpatch_model "
+            "to train."
+        )
+    return True
 
 
 def _route(layer, kwargs: dict):
@@ -108,6 +112,35 @@ def _route(layer, kwargs: dict):
     return state, plan, peft_rows
 
 
+FUSE_MAX_TOKENS = 512
+"""A fused sibling group's leader computes every member's output for inputs of at most this many tokens (decode
+steps, short prompts). For longer ones the members' outputs would be alive at once where a model frees some
+between the calls (Llama's MLP: ``act(gate(x))`` frees gate's output before ``up(x)``), which a long prefill
+pays in memory; its launches cost nothing next to its GEMMs anyway."""
+
+
+def plan_output(view, fields, x: torch.Tensor) -> torch.Tensor | None:
+    """A fused group member's output, computed by its leader from ``x`` itself, or None (see
+    ``PlanView.shared_output``)."""
+    return view.shared_output(fields.group_key, x, fields.member_index, fields.last)
+
+
+def _group_forward(leader, x: torch.Tensor, state, view, fields) -> torch.Tensor:
+    """The leader of a fused sibling group (``bank.link_siblings``) serves every member: each member's base layer on
+    ``x``, one shrink of the group, one expand launch adding every member's delta; the other members' outputs wait
+    in the call's plan for their own calls (``plan_output``), which find them only for this very ``x``.
+
+    Fewer launches (q/k/v: 1 expand instead of 3; gate/up: 1 instead of 2), each a few µs of GPU latency and, in
+    eager calls, of host time. Every member still runs its own forward, so its hooks and PEFT's checks run as
+    before; a member called on another input (or none) computes its own output, so a wrong guess about which
+    layers read one input costs time, never correctness."""
+    results = [leader.base_layer(x)]
+    results += [sibling.base_layer(x) for sibling in leader._fastlora_siblings]
+    state.backend.add_group_lora(results, x, leader, view, fields)
+    view.share_outputs(fields.group_key, x, tuple(results[1:]))
+    return results[0]
+
+
 class FastLinearMixin(_FastLayer):
     """Mixed-batch forward for PEFT's ``lora.Linear`` (nn.Linear, and transformers' Conv1D via fan_in_fan_out)."""
 
@@ -118,17 +151,28 @@ class FastLinearMixin(_FastLayer):
         state, plan, peft_rows = route
         tokens = x.shape[1:-1].numel() if x.dim() > 2 else None  # [B, S, H]: S tokens per row (see BatchPlan.view)
         view = plan.view(x.shape[0], flattened=x.dim() == 2, device=x.device, tokens_per_row=tokens)
-        if self._needs_autograd(x, state):
+        if _needs_autograd(self, x, state):
             return super().forward(x, *args, adapter_names=self._row_names(view), **kwargs)
+        packed = self._fastlora_packed
+        fields = launch_fields(packed)  # (not packed's own fields: see launch_fields)
         if peft_rows:
             # Under a GPU pool the packed adapters' weights are in host memory, out of PEFT's reach: PEFT computes
             # the rows of the adapters it serves here (the hook named every other row "__base__"), the kernels the
             # rest (the adapters PEFT serves have rank 0 in this layer's slots).
             result = super().forward(x, *args, **kwargs)
         else:
+            # Eager calls only: under torch.compile the leader's references to its siblings are a second path to
+            # modules the model reaches too, which dynamo checks with a Python aliasing guard per member on every
+            # call (3 per decoder layer), more than the launches saved in a CUDA graph are worth.
+            if fields.fused and not (args or kwargs) and not torch.compiler.is_compiling():
+                if not fields.leader:
+                    result = plan_output(view, fields, x)
+                    if result is not None:
+                        return result  # the leader computed it (base and delta) from this very input
+                elif x.numel() <= FUSE_MAX_TOKENS * x.shape[-1] and state.backend.fuses_siblings:
+                    return _group_forward(self, x, state, view, fields)
             result = self.base_layer(x, *args, **kwargs)
-        packed = self._fastlora_packed
-        if packed.dora is None:
+        if not fields.has_dora:
             state.backend.add_lora(result, x, packed, view)
             return result
         # DoRA rows are rounded to the output dtype once, as PEFT does: delta and rescale in at least fp32.
@@ -148,7 +192,7 @@ class FastEmbeddingMixin(_FastLayer):
         state, plan, peft_rows = route
         tokens = x.shape[1:].numel() if x.dim() > 1 else None  # ids [B, S]: S tokens per row (see BatchPlan.view)
         view = plan.view(x.shape[0], flattened=x.dim() == 1, device=x.device, tokens_per_row=tokens)
-        if self._needs_autograd(x, state):
+        if _needs_autograd(self, x, state):
             return super().forward(x, *args, adapter_names=self._row_names(view), **kwargs)
         # (a pool: see FastLinearMixin.forward)
         result = super().forward(x, *args, **kwargs) if peft_rows else self.base_layer(x, *args, **kwargs)

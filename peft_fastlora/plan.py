@@ -51,7 +51,8 @@ class PlanView:
         For kernels: ``(sorted_rows, seg_slots, seg_starts, seg_lens)`` over the plan's full capacity (entries past
         the live ones are stale) and a one-element int32 tensor holding the number of segments.
     shrinks : dict
-        The plan's (so this call's) shrink outputs shared by sibling layers (see ``share_shrink``).
+        The plan's (so this call's) shrink outputs shared by sibling layers (see ``share_shrink``), and the outputs
+        a fused group's leader computed for its members (see ``share_outputs``).
     """
 
     row_slots: torch.Tensor
@@ -80,6 +81,19 @@ class PlanView:
         shrink."""
         pair = self.shrinks.pop(group_key, None) if last else self.shrinks.get(group_key)
         return pair[1] if pair is not None and pair[0] is x else None
+
+    def share_outputs(self, group_key: int, x: torch.Tensor, outputs: tuple[torch.Tensor, ...]) -> None:
+        """Keep the outputs a fused sibling group's leader computed for its other members from input ``x`` (see
+        ``layers.FastLinearMixin``), in the members' order, for them to return (``shared_output``)."""
+        self.shrinks["outputs", group_key] = (x, outputs)
+
+    def shared_output(self, group_key: int, x: torch.Tensor, index: int, last: bool) -> torch.Tensor | None:
+        """Member ``index``'s (1 for the first after the leader) output from ``share_outputs`` if the leader
+        computed it from this very tensor, else None (the member then computes its own). The last member drops
+        the entry, as ``shared_shrink`` does."""
+        key = ("outputs", group_key)
+        entry = self.shrinks.pop(key, None) if last else self.shrinks.get(key)
+        return entry[1][index - 1] if entry is not None and entry[0] is x else None
 
     def addresses(self) -> tuple[int, ...]:
         """The device addresses of ``segments``, read once per view (eager calls only: not while torch.compile
@@ -131,7 +145,7 @@ class BatchPlan:
         self._views: dict[tuple[int, torch.device], PlanView] = {}
         # Sibling groups' shared shrink outputs in this call, by group key (PlanView.share_shrink); every view of
         # this plan holds this dict.
-        self.shrinks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.shrinks: dict = {}  # (group key, or ("outputs", group key)) -> (x, h or outputs)
         self._groups: list[tuple[int, int, int]] = []
         self._num_sorted = 0
         self._copies: dict[torch.device, torch.Tensor] = {}

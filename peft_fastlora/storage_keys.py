@@ -21,6 +21,8 @@ import itertools
 import threading
 import weakref
 
+import torch
+
 _storages: dict[int, weakref.ref] = {}
 _keys = itertools.count(1)
 _lock = threading.Lock()  # itertools.count is atomic under the GIL only, not on a free-threaded build
@@ -48,3 +50,20 @@ def lookup(key: int):
     if storage is None:
         raise RuntimeError(f"peft_fastlora: LoRA storage {key} no longer exists (stale compiled graph)")
     return storage
+
+
+@torch._dynamo.assume_constant_result
+def _traced_fields(key: int):
+    # Dynamo calls this while tracing and bakes its result into the graph as a constant, guarding neither the
+    # registry nor the fields: only the key the caller read from the layer (see ``launch_fields``).
+    return lookup(key).fields
+
+
+def launch_fields(packed):
+    """``packed.fields`` (a ``bank.LaunchFields``): in eager calls read straight from ``packed``; while torch.compile
+    traces, through its key, so that the graph is guarded on the key alone instead of on each field (8 guards per
+    LoRA layer, checked on every compiled call). Sound because a ``PackedLora``'s fields never change while it
+    lives, and a repack makes a new one under a new key."""
+    if torch.compiler.is_compiling():
+        return _traced_fields(packed.key)
+    return packed.fields

@@ -100,6 +100,21 @@ class _InterpretedDirectCall:
         self.kernel[self.grid](*args, **self.constexprs)
 
 
+class _InterpretedDirectCallMany(_InterpretedDirectCall):
+    """The stand-in for ``DirectCallMany``: every per-call tensor (a group expand's ``h`` and outputs) found again
+    by its address."""
+
+    def __init__(self, kernel, grid, args, constexprs, positions):
+        super().__init__(kernel, grid, args, constexprs, None)
+        self.positions = positions
+
+    def __call__(self, *pointers: int) -> None:
+        args = list(self.args)
+        for position, pointer in zip(self.positions, pointers, strict=True):
+            args[position] = self.tensors[pointer]
+        self.kernel[self.grid](*args, **self.constexprs)
+
+
 @interpreted
 @torch.no_grad()
 def test_prepared_launches_are_keyed_by_all_they_fix_interpreted(tmp_path, monkeypatch):
@@ -114,8 +129,12 @@ def test_prepared_launches_are_keyed_by_all_they_fix_interpreted(tmp_path, monke
     def direct(self, grid, args, constexprs, second):
         return _InterpretedDirectCall(self.kernel, grid, args, constexprs, second)
 
+    def direct_many(self, grid, args, constexprs, positions):
+        return _InterpretedDirectCallMany(self.kernel, grid, args, constexprs, positions)
+
     monkeypatch.setattr(triton_backend, "_data_ptr", data_ptr)
     monkeypatch.setattr(launch.CompiledLauncher, "direct", direct)
+    monkeypatch.setattr(launch.CompiledLauncher, "direct_many", direct_many)
     monkeypatch.setattr(triton_backend.TritonBackend, "_direct_allowed", lambda self, x, result: x.is_contiguous())
     model, _, _ = gpu_test_model(torch.float32, tmp_path, device="cpu")
     peft = copy.deepcopy(model)
@@ -127,3 +146,6 @@ def test_prepared_launches_are_keyed_by_all_they_fix_interpreted(tmp_path, monke
         expected = peft(**batch, adapter_names=names).logits
         assert_close_relative(model(**batch, adapter_names=names).logits, expected)
     assert _prepared(model) > 0, "the prepared-launch path did not run"
+    group_expands = [key for module in model.modules() if is_fast_layer(module)
+                     for key in module._fastlora_packed.launches if key[0] == "group expand"]  # fmt: skip
+    assert group_expands, "no sibling group's expand went through a prepared launch"

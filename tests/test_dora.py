@@ -184,5 +184,7 @@ def test_dora_bf16_no_worse_than_peft_on_gpu(backend, autocast_adapter_dtype, tm
 @pytest.mark.parametrize("autocast_adapter_dtype", [True, False], ids=["fp32_adapters", "model_dtype"])
 @torch.no_grad()
 def test_dora_bf16_bar_on_cpu(autocast_adapter_dtype, tmp_path):
-    """The GPU test's comparison on CPU (bf16 matmuls, torch backend, a smaller batch)."""
-    check_dora_low_precision(torch.bfloat16, autocast_adapter_dtype, "torch", tmp_path, "cpu", 16, 24)
+    """The GPU test's comparison on CPU (bf16 matmuls, torch backend, a smaller batch). 48 rows x 32 tokens: at 16 x
+    24 (384 positions) ours fell 1.2 points under PEFT's agreement on one CPU with a lower error than PEFT's (0.0495
+    against 0.0503), and passed on another: CPUs differ in how they round bf16 matmuls, and a point was 4 tokens."""
+    check_dora_low_precision(torch.bfloat16, autocast_adapter_dtype, "torch", tmp_path, "cpu", 48, 32)

@@ -18,7 +18,7 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import CUDABackend
 from triton.compiler import ASTSource
 from triton._C.libtriton import ir
-from peft_fastlora.kernels.sgmv import expand_kernel, shrink_kernel
+from peft_fastlora.kernels.sgmv import expand_group_kernel, expand_kernel, shrink_kernel
 
 target = GPUTarget("cuda", 90, 32)
 backend = CUDABackend(target)
@@ -28,6 +28,10 @@ SHRINK = ["x_ptr", "a_ptr", "h_ptr", "sorted_rows_ptr", "seg_slots_ptr", "seg_st
 EXPAND = ["h_ptr", "h_cols_ptr", "b_ptr", "scales_ptr", "y_ptr", "sorted_rows_ptr", "seg_slots_ptr",
           "seg_starts_ptr", "seg_lens_ptr", "num_segments_ptr", "offsets_ptr", "ranks_ptr", "N", "num_tokens",
           "tokens_per_row", "stride_y"]
+
+GROUP_EXPAND = ["h_ptr", "sorted_rows_ptr", "seg_slots_ptr", "seg_starts_ptr", "seg_lens_ptr", "num_segments_ptr"]
+GROUP_EXPAND += [f"{name}_{m}" for m in range(3) for name in ("h_cols", "b", "scales", "y", "offsets", "ranks", "N")]
+GROUP_EXPAND += ["tiles_0", "tiles_01", "num_tokens", "tokens_per_row"]
 
 def build(kernel, names, types, constexprs):
     signature = dict(zip(names, types))
@@ -49,7 +53,12 @@ for x, w, precision, r_tiles in cases:
         build(expand_kernel, EXPAND, ["*fp32", "*i32", f"*{w}", "*fp32", f"*{x}"] + ["*i32"] * 7 + ["i32"] * 4,
               dict(BLOCK_M=16, BLOCK_R=16, R_TILES=r_tiles, H_STRIDE=16 * r_tiles, BLOCK_N=64, SPLITS=splits,
                    SHARED_H=shared, PRECISION=precision))
-    built += 5
+    member = ["*i32", f"*{w}", "*fp32", f"*{x}", "*i32", "*i32", "i32"]
+    for members in (2, 3):
+        build(expand_group_kernel, GROUP_EXPAND, ["*fp32"] + ["*i32"] * 5 + member * 3 + ["i32"] * 4,
+              dict(BLOCK_M=16, BLOCK_R=16, R_TILES=r_tiles, H_STRIDE=48 * r_tiles, BLOCK_N=64, SPLITS=2,
+                   MEMBERS=members, PRECISION=precision))
+    built += 7
 print("built", built)
 """
 
@@ -61,4 +70,4 @@ def test_kernels_build_for_a_gpu_target():
         [sys.executable, "-c", BUILD], capture_output=True, text=True, timeout=300, env=environment, cwd=ROOT
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert "built 120" in completed.stdout, completed.stdout
+    assert "built 168" in completed.stdout, completed.stdout

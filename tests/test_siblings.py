@@ -1,13 +1,18 @@
-"""Siblings that read one input (q/k/v, gate/up) share one shrink launch on the Triton backend."""
+"""Siblings that read one input (q/k/v, gate/up) share one shrink launch on the Triton backend, and in eager calls
+of up to ``layers.FUSE_MAX_TOKENS`` tokens one expand launch too (the leader computes every member's output)."""
 
 from __future__ import annotations
+
+import collections
+import copy
 
 import torch
 from helpers import assert_close_relative, interpreted, load
 from peft import LoraConfig, get_peft_model
 
-from peft_fastlora import patch_model, storage_keys, tiny
+from peft_fastlora import layers, patch_model, storage_keys, tiny
 from peft_fastlora.backends import triton as triton_backend
+from peft_fastlora.kernels import launch
 
 
 def count_shrinks(monkeypatch):
@@ -67,3 +72,77 @@ def test_sibling_with_another_input_computes_its_own_shrink(monkeypatch):
     calls = count_shrinks(monkeypatch)
     assert_close_relative(model(x, adapter_names=names), expected)
     assert len(calls) == 2  # the leader's group shrink, then k_proj's own
+
+
+class _Counting:
+    """A ``CompiledLauncher`` that counts its launches (the interpreter launches every one through ``__call__``)."""
+
+    def __init__(self, launcher, counts: collections.Counter, name: str):
+        self.launcher, self.counts, self.name = launcher, counts, name
+
+    def __call__(self, *args, **kwargs):
+        self.counts[self.name] += 1
+        return self.launcher(*args, **kwargs)
+
+    def __getattr__(self, attribute):
+        return getattr(self.launcher, attribute)
+
+
+def count_launches(monkeypatch) -> collections.Counter:
+    counts = collections.Counter()
+    for name in ("_shrink", "_expand", "_expand_group"):
+        monkeypatch.setattr(launch, name, _Counting(getattr(launch, name), counts, name))
+    return counts
+
+
+@interpreted
+@torch.no_grad()
+def test_fused_groups_launch_one_expand_each_and_match_peft(adapter_dirs, monkeypatch):
+    """Per Llama block 4 shrinks and 4 expands (q/k/v and gate/up one each), not 4 and 7; the same logits and
+    greedy tokens as PEFT. Adapter b is on every other projection only: some members of a group hold it, some not."""
+    model = load("llama", adapter_dirs)
+    peft = copy.deepcopy(model)
+    names = ["a", "c", "__base__", "b"]
+    batch = tiny.random_prompts(len(names), 5, seed=int(torch.randint(0, 1000, ())))
+    patch_model(model, backend="triton")
+    counts = count_launches(monkeypatch)
+    assert_close_relative(model(**batch, adapter_names=names).logits, peft(**batch, adapter_names=names).logits)
+    # 2 blocks of (q/k/v, o, gate/up, down), then lm_head (adapter c); the embedding takes the torch path.
+    assert counts == {"_shrink": 2 * 4 + 1, "_expand_group": 2 * 2, "_expand": 2 * 2 + 1}
+    kwargs = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    expected = peft.generate(**batch, adapter_names=names, **kwargs)
+    assert torch.equal(model.generate(**batch, adapter_names=names, **kwargs), expected)
+
+
+@interpreted
+@torch.no_grad()
+def test_inputs_past_the_fusing_limit_launch_per_member(adapter_dirs, monkeypatch):
+    model = load("llama", adapter_dirs)
+    names = ["a", "c", "__base__", "b"]
+    batch = tiny.random_prompts(len(names), 5, seed=int(torch.randint(0, 1000, ())))
+    expected = model(**batch, adapter_names=names).logits
+    patch_model(model, backend="triton")
+    monkeypatch.setattr(layers, "FUSE_MAX_TOKENS", 4 * 5 - 1)
+    counts = count_launches(monkeypatch)
+    assert_close_relative(model(**batch, adapter_names=names).logits, expected)
+    assert counts == {"_shrink": 2 * 4 + 1, "_expand": 2 * 7 + 1}
+
+
+@interpreted
+@torch.no_grad()
+def test_fused_members_keep_their_hooks(adapter_dirs):
+    """A member whose pre-hook changes its input computes its own output (the leader's was for another input); a
+    member's forward hook sees the output it returns. Both as in PEFT."""
+    model = load("llama", adapter_dirs)
+    peft = copy.deepcopy(model)
+    seen = {"ours": [], "peft": []}
+    for key, twin in (("ours", model), ("peft", peft)):
+        attention = twin.base_model.model.model.layers[0].self_attn
+        attention.k_proj.register_forward_pre_hook(lambda module, args: (args[0] * 1.5,))
+        attention.v_proj.register_forward_hook(lambda module, args, output, key=key: seen[key].append(output))
+    names = ["b", "a", "c", "a"]
+    batch = tiny.random_prompts(len(names), 6, seed=int(torch.randint(0, 1000, ())))
+    expected = peft(**batch, adapter_names=names).logits
+    patch_model(model, backend="triton")
+    assert_close_relative(model(**batch, adapter_names=names).logits, expected)
+    assert_close_relative(seen["ours"][-1], seen["peft"][-1])

@@ -23,6 +23,7 @@ class TorchBackend:
     """Loop over the distinct adapters of the batch with plain torch ops."""
 
     name = "torch"
+    fuses_siblings = False  # whether ``add_group_lora`` serves a fused sibling group (``layers._group_forward``)
 
     def add_lora(self, result: torch.Tensor, x: torch.Tensor, packed: PackedLora, view: PlanView) -> None:
         """Add each row's LoRA delta ``scaling · (x @ Aᵀ) @ Bᵀ`` to ``result`` in place.

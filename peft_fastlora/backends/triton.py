@@ -14,13 +14,17 @@ from __future__ import annotations
 import torch
 import triton
 
-from ..bank import PackedLora
+from ..bank import LaunchFields, PackedLora
 from ..kernels import launch
-from ..kernels.launch import keyed_expand_, keyed_shrink
+from ..kernels.launch import keyed_expand_, keyed_group_expand_, keyed_shrink
 from ..plan import PlanView
+from ..storage_keys import launch_fields
 from .torch_ref import TorchBackend
 
 _data_ptr = torch._C.TensorBase.data_ptr
+
+GROUP_EXPAND_POINTERS = (0, 9, 16, 23)
+"""Where ``expand_group_launch``'s per-call tensors sit in its arguments: ``h`` and up to three outputs."""
 
 MAX_PREPARED = 64
 """Batch shapes whose launches a layer keeps (each prefill length is one): past it the layer starts afresh."""
@@ -30,6 +34,7 @@ class TritonBackend(TorchBackend):
     """Segmented-GEMM kernels for Linear layers; embeddings (a gather, one layer per model) use the torch path."""
 
     name = "triton"
+    fuses_siblings = True
 
     def __init__(self):
         self.direct = not launch.INTERPRETED  # turned off for good if this Triton's launcher is not the known one
@@ -38,9 +43,10 @@ class TritonBackend(TorchBackend):
         """Add each row's LoRA delta to ``result`` in place (see ``TorchBackend.add_lora``)."""
         # No test on the assignment (e.g. an all-__base__ batch) here: the launch must not depend on it, so that a
         # CUDA graph captured for one assignment replays for any other; the kernels read the segment count.
-        group_key = packed.group_key  # (not packed.group: see SiblingGroup)
-        if packed.max_rank == 0:
-            if group_key is not None and packed.last:
+        fields = launch_fields(packed)  # (not packed.group, nor packed's own fields: see launch_fields)
+        group_key = fields.group_key
+        if fields.max_rank == 0:
+            if group_key is not None and fields.last:
                 view.shared_shrink(group_key, x, last=True)  # the last member releases it even when adding nothing
             return
         if self._direct_allowed(x, result) and self._add_lora_direct(result, x, packed, view):
@@ -55,14 +61,71 @@ class TritonBackend(TorchBackend):
         # tensor read from an attribute is a graph input guarded on every call, 20 per decoder layer.
         h = None
         if group_key is not None:
-            if packed.leader:
-                h = keyed_shrink(x_tokens, *plan, group_key, packed.num_slots, packed.group_max_rank)
+            if fields.leader:
+                h = keyed_shrink(x_tokens, *plan, group_key, fields.num_slots, fields.group_max_rank)
                 view.share_shrink(group_key, x, h)
-            h = view.shared_shrink(group_key, x, packed.last)
+            h = view.shared_shrink(group_key, x, fields.last)
         shared = h is not None
         if h is None:
-            h = keyed_shrink(x_tokens, *plan, packed.key, packed.num_slots, packed.max_rank)
-        keyed_expand_(y_tokens, h, *plan, packed.key, shared, packed.max_rank)
+            h = keyed_shrink(x_tokens, *plan, fields.key, fields.num_slots, fields.max_rank)
+        keyed_expand_(y_tokens, h, *plan, fields.key, shared, fields.max_rank)
+
+    def add_group_lora(
+        self, results: list[torch.Tensor], x: torch.Tensor, leader, view: PlanView, fields: LaunchFields
+    ) -> None:
+        """Add every member's LoRA delta to its base output in ``results`` (the leader's first, contiguous) in place:
+        one shrink against the group's lora_A storage and one expand launch for all members (see
+        ``layers._group_forward``). ``fields`` are the leader's."""
+        if fields.group_rank == 0:
+            return  # no member holds an adapter (the group's shrink output is then never shared: nothing to drop)
+        if self._direct_allowed(x, results[0]) and self._add_group_lora_direct(results, x, leader, view, fields):
+            return
+        x_tokens = x.reshape(-1, x.shape[-1])
+        if x_tokens.stride(-1) != 1:
+            x_tokens = x_tokens.contiguous()
+        tokens_per_row = x_tokens.shape[0] // view.num_rows
+        plan = (*view.segments, tokens_per_row)
+        h = keyed_shrink(x_tokens, *plan, fields.group_key, fields.num_slots, fields.group_max_rank)
+        outputs = [result.view(-1, result.shape[-1]) for result in results]
+        keyed_group_expand_(outputs, h, *plan, list(fields.member_keys), fields.group_rank)
+
+    def _add_group_lora_direct(
+        self, results: list[torch.Tensor], x: torch.Tensor, leader, view: PlanView, fields: LaunchFields
+    ) -> bool:
+        """``add_group_lora`` through the leader's prepared launches; False, having done nothing, where this
+        Triton's launcher cannot be prepared."""
+        if any(_data_ptr(result) & 15 for result in results[1:]):
+            return False  # (the prepared expand was compiled for aligned outputs)
+        packed = leader._fastlora_packed
+        prepared = packed.launches
+        num_tokens = x.numel() // x.shape[-1]
+        key = (num_tokens, view.num_rows, view.addresses(), x.dtype, results[0].dtype)  # (see _add_lora_direct)
+        group = packed.group
+        h = self._shrink(
+            prepared, ("group shrink", key, *group.shrink_operands(), group.max_rank), x, num_tokens, view
+        )
+        if h is None:
+            return False
+        expand = prepared.get(("group expand", key))
+        if expand is None:
+            packs = [packed] + [sibling._fastlora_packed for sibling in leader._fastlora_siblings]
+            outputs = [result.view(num_tokens, result.shape[-1]) for result in results]
+            args = launch.expand_group_launch(
+                outputs, h, launch.group_members(packs), *view.segments, num_tokens // view.num_rows, fields.group_rank
+            )
+            if args is None:
+                return True  # nothing to add (no tokens)
+            expand = launch._expand_group.direct_many(*args, positions=GROUP_EXPAND_POINTERS)
+            if expand is None:
+                self.direct = False
+                launch._expand_group(args[0], *args[1], **args[2])  # this call, the slow way; later calls too
+                return True
+            self._keep(prepared, ("group expand", key), expand)
+        addresses = [_data_ptr(result) for result in results]
+        if len(addresses) == 2:
+            addresses.append(addresses[1])  # (a two-member group passes its second output as the third)
+        expand(_data_ptr(h), *addresses)
+        return True
 
     def _direct_allowed(self, x: torch.Tensor, result: torch.Tensor) -> bool:
         """Whether this call may launch through prepared ``DirectCall``s: an eager call (not traced by

@@ -23,7 +23,7 @@ import torch
 import triton
 
 from .. import storage_keys
-from .sgmv import expand_kernel, shrink_kernel
+from .sgmv import expand_group_kernel, expand_kernel, shrink_kernel
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -87,6 +87,33 @@ class DirectCall:
         self.launch(*self.grid, stream, *self.meta, first, *self.middle, second, *self.rest)
 
 
+class DirectCallMany:
+    """``DirectCall`` for a launch with more than two per-call tensors (a sibling group's expand: ``h`` and every
+    member's output): ``template`` holds every argument in the launcher's order, and ``positions`` the places of
+    the per-call addresses, filled in on each call."""
+
+    __slots__ = ("launch", "grid", "meta", "template", "positions", "device")
+
+    def __init__(self, launch, grid: tuple, meta: tuple, template: tuple, positions: tuple, device: int):
+        self.launch, self.grid, self.meta = launch, grid, meta
+        self.template, self.positions, self.device = template, positions, device
+
+    def __call__(self, *pointers: int) -> None:
+        """Launch with ``pointers`` (the per-call tensors' addresses, in ``positions``' order) in their places."""
+        arguments = list(self.template)
+        for position, pointer in zip(self.positions, pointers, strict=True):
+            arguments[position] = pointer
+        if torch._C._cuda_getDevice() != self.device:  # (see DirectCall)
+            with torch.cuda.device(self.device):
+                self._launch(arguments)
+        else:
+            self._launch(arguments)
+
+    def _launch(self, arguments: list) -> None:
+        stream = torch._C._cuda_getCurrentRawStream(self.device)
+        self.launch(*self.grid, stream, *self.meta, *arguments)
+
+
 class CompiledLauncher:
     """Launch a ``@triton.jit`` kernel straight through its compiled handle once Triton has compiled it.
 
@@ -103,9 +130,11 @@ class CompiledLauncher:
     Triton would launch on the current one.
     """
 
-    def __init__(self, kernel, second: int):
+    def __init__(self, kernel, second: int, more: tuple[int, ...] = ()):
         self.kernel = kernel
         self.second = second  # the index of the other per-call tensor argument (the first is args[0])
+        # Indices of further per-call tensors (a group expand's outputs), fixed by dtype and alignment only.
+        self.more = more
         self._compiled: dict[tuple, object] = {}
         self._direct: dict[tuple, DirectCall | None] = {}
 
@@ -121,6 +150,9 @@ class CompiledLauncher:
         # and dtype), and the dtypes and 16-byte alignment of the two per-call tensors (their specialisation). This
         # serves the compiled graph's custom ops, which get tensors rather than the layer's prepared launches.
         second = self.second
+        if self.more:
+            self._call_many(grid, args, constexprs)
+            return
         first_ptr, second_ptr = _data_ptr(args[0]), _data_ptr(args[second])
         key = (
             grid, args[0].dtype, args[second].dtype, first_ptr & 15 == 0, second_ptr & 15 == 0,
@@ -135,6 +167,28 @@ class CompiledLauncher:
         if call is not None:
             call(first_ptr, second_ptr)
             return
+        self._launch_on_device(grid, args, constexprs)
+
+    def _call_many(self, grid: tuple[int, int, int], args: tuple, constexprs: dict) -> None:
+        """``__call__`` for a kernel with ``more`` per-call tensors: the same keying, through ``DirectCallMany``."""
+        positions = (0, self.second, *self.more)
+        pointers = [_data_ptr(args[position]) for position in positions]
+        key = (
+            grid, *(args[position].dtype for position in positions), *(pointer & 15 == 0 for pointer in pointers),
+            *(_fixed(arg) for index, arg in enumerate(args) if index not in positions), *constexprs.values(),
+        )  # fmt: skip
+        call = self._direct.get(key, False)
+        if call is False:
+            call = self.direct_many(grid, args, constexprs, positions)
+            if len(self._direct) >= MAX_DIRECT:
+                self._direct.clear()
+            self._direct[key] = call
+        if call is not None:
+            call(*pointers)
+            return
+        self._launch_on_device(grid, args, constexprs)
+
+    def _launch_on_device(self, grid: tuple[int, int, int], args: tuple, constexprs: dict) -> None:
         device = args[0].device.index
         if device != torch.cuda.current_device():
             with torch.cuda.device(device):
@@ -166,6 +220,26 @@ class CompiledLauncher:
         The other arguments are fixed in the call as they are now: tensors by address, so the caller may reuse it
         only while those tensors are alive and unmoved, and with per-call tensors of the same dtype and 16-byte
         alignment as these (the specialisation it was compiled for)."""
+        parts = self._launcher_parts(args, constexprs)
+        if parts is None:
+            return None
+        launch, meta, plain, device = parts
+        rest = (*plain[second + 1 :], *constexprs.values())
+        return DirectCall(launch, tuple(grid), meta, tuple(plain[1:second]), rest, device)
+
+    def direct_many(
+        self, grid: tuple[int, int, int], args: tuple, constexprs: dict, positions: tuple[int, ...]
+    ) -> DirectCallMany | None:
+        """``direct`` for a launch whose per-call arguments are ``args[position]`` for each of ``positions``."""
+        parts = self._launcher_parts(args, constexprs)
+        if parts is None:
+            return None
+        launch, meta, plain, device = parts
+        return DirectCallMany(launch, tuple(grid), meta, (*plain, *constexprs.values()), positions, device)
+
+    def _launcher_parts(self, args: tuple, constexprs: dict) -> tuple | None:
+        """``(launcher, meta, plain arguments, device)`` for a direct call of this specialisation, or None where
+        Triton's launcher is not the one this knows (see ``direct``)."""
         if INTERPRETED:
             return None
         device = args[0].device.index
@@ -183,9 +257,7 @@ class CompiledLauncher:
         meta = (kernel.function, run.launch_cooperative_grid, run.launch_pdl, None, None, kernel.packed_metadata,
                 None, None, None)  # fmt: skip
         plain = [_data_ptr(arg) if isinstance(arg, torch.Tensor) else arg for arg in args]
-        return DirectCall(
-            launch, tuple(grid), meta, tuple(plain[1:second]), (*plain[second + 1 :], *constexprs.values()), device
-        )
+        return launch, meta, plain, device
 
 
 @functools.cache
@@ -394,8 +466,44 @@ def expand_launch(
     return grid, args, constexprs
 
 
+def expand_group_launch(
+    ys, h, members, sorted_rows, seg_slots, seg_starts, seg_lens, num_segments, tokens_per_row, max_rank
+) -> tuple | None:
+    """The launch ``(grid, args, constexprs)`` of ``expand_group_kernel`` (``launch_expand`` for every member of a
+    sibling group at once), or None where it has nothing to do.
+
+    ``ys`` are the members' contiguous outputs ``[T, N_m]`` (2 or 3), ``h`` the group's shrink output, ``members``
+    each member's ``(h_cols, b, scales, offsets, ranks)`` (as ``launch_expand`` takes them) and ``max_rank`` the
+    largest of the members' ranks. ``args[0]`` is ``h``; the outputs are ``args[9]``, ``args[16]`` and
+    ``args[23]`` (a two-member group's second output twice)."""
+    num_tokens = ys[0].shape[0]
+    if num_tokens == 0 or max_rank == 0:
+        return None
+    offsets = members[0][3]
+    segments, block_m, _, block_n, _, _ = _tiles(
+        num_tokens, offsets.shape[0], num_tokens // tokens_per_row, 1, max_rank, ys[0].device
+    )
+    block_r, r_tiles = rank_tiles(max_rank)
+    tiles = [_cdiv(y.shape[1], block_n) for y in ys]
+    grid = (segments, _cdiv(num_tokens, block_m), sum(tiles))
+    per_member = [(h_cols, b, scales, y, offsets, ranks, y.shape[1]) for y, (h_cols, b, scales, offsets, ranks) in
+                  zip(ys, members, strict=True)]  # fmt: skip
+    if len(per_member) == 2:
+        per_member.append(per_member[1])
+    args = (
+        h, sorted_rows, seg_slots, seg_starts, seg_lens, num_segments, *per_member[0], *per_member[1],
+        *per_member[2], tiles[0], tiles[0] + tiles[1], num_tokens, tokens_per_row,
+    )  # fmt: skip
+    constexprs = dict(
+        BLOCK_M=block_m, BLOCK_R=block_r, R_TILES=r_tiles, H_STRIDE=h.shape[2], BLOCK_N=block_n, SPLITS=h.shape[0],
+        MEMBERS=len(ys), PRECISION=dot_precision(ys[0].dtype, members[0][1].dtype),
+    )  # fmt: skip
+    return grid, args, constexprs
+
+
 _shrink = CompiledLauncher(shrink_kernel, second=2)  # per call: x and h
 _expand = CompiledLauncher(expand_kernel, second=4)  # per call: h and y
+_expand_group = CompiledLauncher(expand_group_kernel, second=9, more=(16, 23))  # per call: h and every output
 
 
 def launch_keyed_shrink(
@@ -440,10 +548,39 @@ def launch_keyed_expand(
                   max_rank)  # fmt: skip
 
 
+def group_members(packs) -> list[tuple]:
+    """Each member's ``(h_cols, b, scales, offsets, ranks)`` for ``expand_group_launch``."""
+    return [(packed.h_cols, packed.b, packed.scales, packed.b_offsets_dev, packed.ranks_dev) for packed in packs]
+
+
+def launch_keyed_group_expand(
+    ys: list[torch.Tensor],
+    h: torch.Tensor,
+    sorted_rows: torch.Tensor,
+    seg_slots: torch.Tensor,
+    seg_starts: torch.Tensor,
+    seg_lens: torch.Tensor,
+    num_segments: torch.Tensor,
+    tokens_per_row: int,
+    keys: list[int],
+    max_rank: int,
+) -> None:
+    """``expand_group_launch`` with the storage of the sibling group's members registered under ``keys`` (one per
+    output in ``ys``), launched."""
+    members = group_members([storage_keys.lookup(key) for key in keys])
+    plan = (sorted_rows, seg_slots, seg_starts, seg_lens, num_segments)
+    launch = expand_group_launch(ys, h, members, *plan, tokens_per_row, max_rank)
+    if launch is not None:
+        _expand_group(launch[0], *launch[1], **launch[2])
+
+
 # The custom ops are what torch.compile sees, with the storage as a key, not as tensors (see storage_keys); eager
 # calls skip their dispatch cost (tens of µs per call measured on an H100, in every LoRA layer of every decode step).
 keyed_shrink_op = torch.library.custom_op("peft_fastlora::keyed_shrink", mutates_args=())(launch_keyed_shrink)
 keyed_expand_op = torch.library.custom_op("peft_fastlora::keyed_expand_", mutates_args=("y",))(launch_keyed_expand)
+keyed_group_expand_op = torch.library.custom_op("peft_fastlora::keyed_group_expand_", mutates_args=("ys",))(
+    launch_keyed_group_expand
+)
 
 
 @keyed_shrink_op.register_fake
@@ -463,6 +600,11 @@ def _keyed_expand_fake(y, h, *plan_and_sizes) -> None:
     return None
 
 
+@keyed_group_expand_op.register_fake
+def _keyed_group_expand_fake(ys, h, *plan_and_sizes) -> None:
+    return None
+
+
 def keyed_shrink(*args) -> torch.Tensor:
     """``launch_keyed_shrink`` in eager mode, the registered custom op while torch.compile traces."""
     if torch.compiler.is_compiling():
@@ -476,3 +618,11 @@ def keyed_expand_(*args) -> None:
         torch.ops.peft_fastlora.keyed_expand_(*args)
     else:
         launch_keyed_expand(*args)
+
+
+def keyed_group_expand_(*args) -> None:
+    """``launch_keyed_group_expand`` in eager mode, the registered custom op while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        torch.ops.peft_fastlora.keyed_group_expand_(*args)
+    else:
+        launch_keyed_group_expand(*args)

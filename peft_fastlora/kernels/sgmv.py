@@ -109,22 +109,14 @@ def shrink_kernel(
 
 
 @triton.jit
-def expand_kernel(
+def _expand_program(
     h_ptr, h_cols_ptr, b_ptr, scales_ptr, y_ptr,
     sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, num_segments_ptr, offsets_ptr, ranks_ptr,
-    N, num_tokens, tokens_per_row, stride_y,
+    N, num_tokens, tokens_per_row, stride_y, n_tile,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, R_TILES: tl.constexpr, H_STRIDE: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, SHARED_H: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """``y[t, n-tile] += scale_s · (Σ_split h[split, t]) @ B_s[n-tile, :]ᵀ`` for the tokens of one tile of one
-    segment (the delta rounded to B's dtype, the sum to y's).
-
-    ``B_s`` is slot s's ``[N, rank]`` block of the flat ``b`` (PEFT's lora_B layout), starting at element
-    ``offsets[s] * N``: a ``[BLOCK_R, BLOCK_N]`` tile of it covers ``BLOCK_N`` consecutive rows, so it is one
-    contiguous stretch of memory when the tile spans the whole rank. The rank is walked ``BLOCK_R`` lanes at a time
-    (``R_TILES`` tiles cover the layer's largest rank). ``h`` rows are ``H_STRIDE`` wide. With ``SHARED_H`` it is a
-    sibling group's shrink output (q/k/v stacked), and this layer's part of slot s starts at column ``h_cols[s]``;
-    otherwise at column 0. ``scales`` is fp32 ``[num_slots]`` (PEFT's scaling), applied to ``h`` in fp32."""
+    """One program of ``expand_kernel``: its segment tile (``program_id`` 0 and 1) and output tile ``n_tile``."""
     active, tokens, token_mask, first_row, rank, slot = _segment_tile(
         sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, num_segments_ptr, offsets_ptr, ranks_ptr,
         tokens_per_row, BLOCK_M,
@@ -133,7 +125,7 @@ def expand_kernel(
         first_column = 0
         if SHARED_H:
             first_column = tl.load(h_cols_ptr + slot)
-        n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = n < N
         scale = tl.load(scales_ptr + slot)
         delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -160,3 +152,75 @@ def expand_kernel(
         # rounding it to bf16 first (as this kernel once did) rounded twice and cost argmax agreement.
         delta = delta.to(b_ptr.dtype.element_ty).to(tl.float32)  # (b_tile is the loop's: not defined here)
         tl.store(y_ptr + y_offsets, (y_tile.to(tl.float32) + delta).to(y_tile.dtype), mask=y_mask)
+
+
+@triton.jit
+def expand_kernel(
+    h_ptr, h_cols_ptr, b_ptr, scales_ptr, y_ptr,
+    sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, num_segments_ptr, offsets_ptr, ranks_ptr,
+    N, num_tokens, tokens_per_row, stride_y,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, R_TILES: tl.constexpr, H_STRIDE: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, SHARED_H: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``y[t, n-tile] += scale_s · (Σ_split h[split, t]) @ B_s[n-tile, :]ᵀ`` for the tokens of one tile of one
+    segment (the delta rounded to B's dtype, the sum to y's).
+
+    ``B_s`` is slot s's ``[N, rank]`` block of the flat ``b`` (PEFT's lora_B layout), starting at element
+    ``offsets[s] * N``: a ``[BLOCK_R, BLOCK_N]`` tile of it covers ``BLOCK_N`` consecutive rows, so it is one
+    contiguous stretch of memory when the tile spans the whole rank. The rank is walked ``BLOCK_R`` lanes at a time
+    (``R_TILES`` tiles cover the layer's largest rank). ``h`` rows are ``H_STRIDE`` wide. With ``SHARED_H`` it is a
+    sibling group's shrink output (q/k/v stacked), and this layer's part of slot s starts at column ``h_cols[s]``;
+    otherwise at column 0. ``scales`` is fp32 ``[num_slots]`` (PEFT's scaling), applied to ``h`` in fp32."""
+    _expand_program(
+        h_ptr, h_cols_ptr, b_ptr, scales_ptr, y_ptr,
+        sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, num_segments_ptr, offsets_ptr, ranks_ptr,
+        N, num_tokens, tokens_per_row, stride_y, tl.program_id(2),
+        BLOCK_M, BLOCK_R, R_TILES, H_STRIDE, BLOCK_N, SPLITS, SHARED_H, PRECISION,
+    )  # fmt: skip
+
+
+@triton.jit
+def expand_group_kernel(
+    h_ptr, sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, num_segments_ptr,
+    h_cols_0, b_0, scales_0, y_0, offsets_0, ranks_0, N_0,
+    h_cols_1, b_1, scales_1, y_1, offsets_1, ranks_1, N_1,
+    h_cols_2, b_2, scales_2, y_2, offsets_2, ranks_2, N_2,
+    tiles_0, tiles_01, num_tokens, tokens_per_row,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, R_TILES: tl.constexpr, H_STRIDE: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, MEMBERS: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``expand_kernel`` for every member of a sibling group (q/k/v: ``MEMBERS`` 3; gate/up: 2) in one launch, each
+    into its own contiguous output ``y_m`` (``[num_tokens, N_m]``) from its columns of the group's shrink output
+    ``h``: output tile ``program_id(2)`` belongs to member 0 below ``tiles_0``, to member 1 below ``tiles_01``, else
+    to member 2. A two-member group passes member 1's arguments again as member 2's (never read). One launch
+    instead of one per member: in decode each launch is a few µs of latency, on the GPU and, in eager calls, on
+    the host."""
+    tile = tl.program_id(2)
+    if tile < tiles_0:
+        _expand_program(
+            h_ptr, h_cols_0, b_0, scales_0, y_0,
+            sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, num_segments_ptr, offsets_0, ranks_0,
+            N_0, num_tokens, tokens_per_row, N_0, tile,
+            BLOCK_M, BLOCK_R, R_TILES, H_STRIDE, BLOCK_N, SPLITS, True, PRECISION,
+        )  # fmt: skip
+    elif MEMBERS == 2:
+        _expand_program(
+            h_ptr, h_cols_1, b_1, scales_1, y_1,
+            sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, num_segments_ptr, offsets_1, ranks_1,
+            N_1, num_tokens, tokens_per_row, N_1, tile - tiles_0,
+            BLOCK_M, BLOCK_R, R_TILES, H_STRIDE, BLOCK_N, SPLITS, True, PRECISION,
+        )  # fmt: skip
+    elif tile < tiles_01:
+        _expand_program(
+            h_ptr, h_cols_1, b_1, scales_1, y_1,
+            sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, num_segments_ptr, offsets_1, ranks_1,
+            N_1, num_tokens, tokens_per_row, N_1, tile - tiles_0,
+            BLOCK_M, BLOCK_R, R_TILES, H_STRIDE, BLOCK_N, SPLITS, True, PRECISION,
+        )  # fmt: skip
+    else:
+        _expand_program(
+            h_ptr, h_cols_2, b_2, scales_2, y_2,
+            sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, num_segments_ptr, offsets_2, ranks_2,
+            N_2, num_tokens, tokens_per_row, N_2, tile - tiles_01,
+            BLOCK_M, BLOCK_R, R_TILES, H_STRIDE, BLOCK_N, SPLITS, True, PRECISION,
+        )  # fmt: skip
