@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# Device run B (session 31): compiled decode 32x8 (bf16 adapters) with profiles, this code (launch fields read through
-# the storage key: ~8 fewer dynamo guards per LoRA layer) then session 30's final code (.stage/old31).
+# Device run B (session 31): the bf16 GPU fuzz test again (its fp32 check now consults an fp64 copy where PEFT's own
+# fp32 is off), then compiled decode 32x8 (bf16 adapters) with profiles, this code (launch fields read through the
+# storage key: ~8 fewer dynamo guards per LoRA layer) then session 30's final code (.stage/old31).
 set -u
 export PYTHONUNBUFFERED=1
 export TORCHINDUCTOR_CACHE_DIR=$PWD/build/bench_cache/inductor TRITON_CACHE_DIR=$PWD/build/bench_cache/triton
 START=$SECONDS
 echo "commit ${FASTLORA_COMMIT:-?}" > $OUT/runB.txt
+PYTHONPATH=.:benchmarks FUZZ_NO_SHRINK=1 timeout 90 python -m pytest -m gpu -o addopts= -q -p no:cacheprovider -rfs -s \
+    tests/test_fuzz.py > $OUT/gpu_fuzz.txt 2>&1; echo "rc=$?" >> $OUT/gpu_fuzz.txt
+grep -E "examples|passed|failed|^FAILED|rc=" $OUT/gpu_fuzz.txt >> $OUT/runB.txt
+echo "=== fuzz done at $((SECONDS-START)) s" >> $OUT/runB.txt
 for code in new old; do
   P=.:benchmarks; [ $code = old ] && P=.stage/old31:benchmarks
   PYTHONPATH=$P python -c "import peft_fastlora; print('package', peft_fastlora.__file__)" >> $OUT/runB.txt 2>&1
