@@ -233,7 +233,9 @@ class PackedLora:
     fused, member_keys, member_index, group_rank : bool, tuple[int, ...], int, int
         Set by ``link_siblings``: whether the group's leader computes every member's output in one go (the base
         layers, one shrink, one expand launch for all; see ``layers.FastLinearMixin``), the members' storage keys
-        (leader first), this layer's place among them, and the members' largest ``max_rank``.
+        (leader first), this layer's place among them, and the members' largest ``max_rank``. ``fusing_missed``
+        (the leader's; not a launch field, it may change): a member found no output of the leader's, so the
+        leader stops computing theirs (``layers.plan_output``).
     launches : dict
         The backend's launches prepared for this storage, per batch shape (see ``backends/triton.py``); a repack
         makes a new ``PackedLora``, so none outlives the tensors it reads.
@@ -253,6 +255,7 @@ class PackedLora:
     group_key: int | None = None
     group_max_rank: int = 0
     fused: bool = False
+    fusing_missed: bool = False
     member_keys: tuple[int, ...] = ()
     member_index: int = 0
     group_rank: int = 0

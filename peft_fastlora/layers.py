@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from peft.tuners.lora import layer as lora_layer
 
+from . import storage_keys
 from .dora import apply_dora, dora_dtype
 from .storage_keys import launch_fields
 
@@ -121,8 +122,15 @@ pays in memory; its launches cost nothing next to its GEMMs anyway."""
 
 def plan_output(view, fields, x: torch.Tensor) -> torch.Tensor | None:
     """A fused group member's output, computed by its leader from ``x`` itself, or None (see
-    ``PlanView.shared_output``)."""
-    return view.shared_output(fields.group_key, x, fields.member_index, fields.last)
+    ``PlanView.shared_output``).
+
+    A member that finds none (called before its leader, as OPT's and BART's q_proj is before k_proj, the first
+    registered; or on another input, as T5's cross-attention k/v) turns the group's fusing off for as long as its
+    storage lives (``PackedLora.fusing_missed``): the leader's work for it was wasted, a whole GEMM per decode step."""
+    output = view.shared_output(fields.group_key, x, fields.member_index, fields.last)
+    if output is None:
+        storage_keys.lookup(fields.member_keys[0]).fusing_missed = True
+    return output
 
 
 def _group_forward(leader, x: torch.Tensor, state, view, fields) -> torch.Tensor:
@@ -169,7 +177,11 @@ class FastLinearMixin(_FastLayer):
                     result = plan_output(view, fields, x)
                     if result is not None:
                         return result  # the leader computed it (base and delta) from this very input
-                elif x.numel() <= FUSE_MAX_TOKENS * x.shape[-1] and state.backend.fuses_siblings:
+                elif (
+                    x.numel() <= FUSE_MAX_TOKENS * x.shape[-1]
+                    and state.backend.fuses_siblings
+                    and not packed.fusing_missed
+                ):
                     return _group_forward(self, x, state, view, fields)
             result = self.base_layer(x, *args, **kwargs)
         if not fields.has_dora:

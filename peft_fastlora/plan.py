@@ -84,8 +84,9 @@ class PlanView:
 
     def share_outputs(self, group_key: int, x: torch.Tensor, outputs: tuple[torch.Tensor, ...]) -> None:
         """Keep the outputs a fused sibling group's leader computed for its other members from input ``x`` (see
-        ``layers.FastLinearMixin``), in the members' order, for them to return (``shared_output``)."""
-        self.shrinks["outputs", group_key] = (x, outputs)
+        ``layers.FastLinearMixin``), in the members' order, for them to return (``shared_output``). ``x``'s version
+        counter is kept too: a member whose input was changed in place since (a pre-hook's ``mul_``) gets nothing."""
+        self.shrinks["outputs", group_key] = (x, x._version, outputs)
 
     def shared_output(self, group_key: int, x: torch.Tensor, index: int, last: bool) -> torch.Tensor | None:
         """Member ``index``'s (1 for the first after the leader) output from ``share_outputs`` if the leader
@@ -93,7 +94,9 @@ class PlanView:
         the entry, as ``shared_shrink`` does."""
         key = ("outputs", group_key)
         entry = self.shrinks.pop(key, None) if last else self.shrinks.get(key)
-        return entry[1][index - 1] if entry is not None and entry[0] is x else None
+        if entry is None or entry[0] is not x or entry[1] != x._version:
+            return None
+        return entry[2][index - 1]
 
     def addresses(self) -> tuple[int, ...]:
         """The device addresses of ``segments``, read once per view (eager calls only: not while torch.compile

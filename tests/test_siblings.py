@@ -146,3 +146,48 @@ def test_fused_members_keep_their_hooks(adapter_dirs):
     patch_model(model, backend="triton")
     assert_close_relative(model(**batch, adapter_names=names).logits, expected)
     assert_close_relative(seen["ours"][-1], seen["peft"][-1])
+
+
+@interpreted
+@torch.no_grad()
+def test_a_member_whose_input_changed_in_place_computes_its_own(adapter_dirs):
+    """The leader's outputs were computed before k_proj's pre-hook scaled the shared input in place: k_proj (same
+    tensor, new version) and v_proj compute their own, as in PEFT."""
+    model = load("llama", adapter_dirs)
+    peft = copy.deepcopy(model)
+
+    def scale_in_place(module, args) -> None:
+        args[0].mul_(1.5)
+
+    for twin in (model, peft):
+        twin.base_model.model.model.layers[0].self_attn.k_proj.register_forward_pre_hook(scale_in_place)
+    names = ["a", "b", "__base__", "c"]
+    batch = tiny.random_prompts(len(names), 4, seed=int(torch.randint(0, 1000, ())))
+    expected = peft(**batch, adapter_names=names).logits
+    patch_model(model, backend="triton")
+    assert_close_relative(model(**batch, adapter_names=names).logits, expected)
+
+
+@interpreted
+@torch.no_grad()
+def test_a_group_whose_leader_is_not_called_first_stops_fusing(adapter_dirs, monkeypatch):
+    """OPT registers k_proj before q_proj (k leads the group) but calls q_proj first: q finds nothing of its leader's,
+    computes its own, and the group stops fusing before its leader runs, which would otherwise run q's base layer a
+    second time for nothing.
+    (The reference is the torch backend, which never fuses: PEFT's own mixed batch refuses OPT's flattened rows.)"""
+    model = load("opt", adapter_dirs)
+    reference = copy.deepcopy(model)
+    names = ["a", "c", "__base__", "b"]
+    batch = tiny.random_prompts(len(names), 5, seed=int(torch.randint(0, 1000, ())))
+    patch_model(reference, backend="torch")
+    expected = reference(**batch, adapter_names=names).logits
+    patch_model(model, backend="triton")
+    attention = model.base_model.model.model.decoder.layers[0].self_attn
+    calls = collections.Counter()
+    for name in ("q_proj", "k_proj", "v_proj"):
+        getattr(attention, name).base_layer.register_forward_hook(lambda *args, name=name: calls.update([name]))
+    for _ in range(2):
+        calls.clear()
+        assert_close_relative(model(**batch, adapter_names=names).logits, expected)
+        assert calls == {"q_proj": 1, "k_proj": 1, "v_proj": 1}
+    assert attention.k_proj._fastlora_packed.fused and attention.k_proj._fastlora_packed.fusing_missed
