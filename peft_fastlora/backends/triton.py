@@ -23,9 +23,6 @@ from .torch_ref import TorchBackend
 
 _data_ptr = torch._C.TensorBase.data_ptr
 
-GROUP_EXPAND_POINTERS = (0, 9, 16, 23)
-"""Where ``expand_group_launch``'s per-call tensors sit in its arguments: ``h`` and up to three outputs."""
-
 MAX_PREPARED = 64
 """Batch shapes whose launches a layer keeps (each prefill length is one): past it the layer starts afresh."""
 
@@ -115,7 +112,7 @@ class TritonBackend(TorchBackend):
             )
             if args is None:
                 return True  # nothing to add (no tokens)
-            expand = launch._expand_group.direct_many(*args, positions=GROUP_EXPAND_POINTERS)
+            expand = launch._expand_group.direct_many(*args, positions=launch._expand_group.positions)
             if expand is None:
                 self.direct = False
                 launch._expand_group(args[0], *args[1], **args[2])  # this call, the slow way; later calls too

@@ -135,6 +135,7 @@ class CompiledLauncher:
         self.second = second  # the index of the other per-call tensor argument (the first is args[0])
         # Indices of further per-call tensors (a group expand's outputs), fixed by dtype and alignment only.
         self.more = more
+        self.positions = (0, second, *more)  # every per-call tensor's index, in the order a DirectCallMany takes
         self._compiled: dict[tuple, object] = {}
         self._direct: dict[tuple, DirectCall | None] = {}
 
@@ -158,31 +159,31 @@ class CompiledLauncher:
             grid, args[0].dtype, args[second].dtype, first_ptr & 15 == 0, second_ptr & 15 == 0,
             *map(_fixed, args[1:second]), *map(_fixed, args[second + 1 :]), *constexprs.values(),
         )  # fmt: skip
-        call = self._direct.get(key, False)
-        if call is False:
-            call = self.direct(grid, args, constexprs, second)
-            if len(self._direct) >= MAX_DIRECT:
-                self._direct.clear()
-            self._direct[key] = call
+        call = self._cached_direct(key, lambda: self.direct(grid, args, constexprs, second))
         if call is not None:
             call(first_ptr, second_ptr)
             return
         self._launch_on_device(grid, args, constexprs)
 
+    def _cached_direct(self, key: tuple, make):
+        """The direct call kept under ``key``, made by ``make()`` (None: not preparable) on first use."""
+        call = self._direct.get(key, False)
+        if call is False:
+            call = make()
+            if len(self._direct) >= MAX_DIRECT:
+                self._direct.clear()
+            self._direct[key] = call
+        return call
+
     def _call_many(self, grid: tuple[int, int, int], args: tuple, constexprs: dict) -> None:
         """``__call__`` for a kernel with ``more`` per-call tensors: the same keying, through ``DirectCallMany``."""
-        positions = (0, self.second, *self.more)
+        positions = self.positions
         pointers = [_data_ptr(args[position]) for position in positions]
         key = (
             grid, *(args[position].dtype for position in positions), *(pointer & 15 == 0 for pointer in pointers),
             *(_fixed(arg) for index, arg in enumerate(args) if index not in positions), *constexprs.values(),
         )  # fmt: skip
-        call = self._direct.get(key, False)
-        if call is False:
-            call = self.direct_many(grid, args, constexprs, positions)
-            if len(self._direct) >= MAX_DIRECT:
-                self._direct.clear()
-            self._direct[key] = call
+        call = self._cached_direct(key, lambda: self.direct_many(grid, args, constexprs, positions))
         if call is not None:
             call(*pointers)
             return
