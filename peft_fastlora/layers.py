@@ -127,8 +127,8 @@ def plan_output(view, fields, x: torch.Tensor) -> torch.Tensor | None:
     A member that finds none (called before its leader, as OPT's and BART's q_proj is before k_proj, the first
     registered; or on another input, as T5's cross-attention k/v) turns the group's fusing off for as long as its
     storage lives (``PackedLora.fusing_missed``): the leader's work for it was wasted, a whole GEMM per decode step."""
-    output = view.shared_output(fields.group_key, x, fields.member_index, fields.last)
-    if output is None:
+    output, missed = view.shared_output(fields.group_key, x, fields.member_index, fields.last)
+    if missed:
         storage_keys.lookup(fields.member_keys[0]).fusing_missed = True
     return output
 
@@ -183,6 +183,8 @@ class FastLinearMixin(_FastLayer):
                     and not packed.fusing_missed
                 ):
                     return _group_forward(self, x, state, view, fields)
+                else:
+                    view.share_outputs(fields.group_key, x, None)  # (members: not a miss, see plan_output)
             result = self.base_layer(x, *args, **kwargs)
         if not fields.has_dora:
             state.backend.add_lora(result, x, packed, view)

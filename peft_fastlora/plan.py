@@ -82,21 +82,31 @@ class PlanView:
         pair = self.shrinks.pop(group_key, None) if last else self.shrinks.get(group_key)
         return pair[1] if pair is not None and pair[0] is x else None
 
-    def share_outputs(self, group_key: int, x: torch.Tensor, outputs: tuple[torch.Tensor, ...]) -> None:
+    def share_outputs(self, group_key: int, x: torch.Tensor, outputs: tuple[torch.Tensor, ...] | None) -> None:
         """Keep the outputs a fused sibling group's leader computed for its other members from input ``x`` (see
-        ``layers.FastLinearMixin``), in the members' order, for them to return (``shared_output``). ``x``'s version
-        counter is kept too: a member whose input was changed in place since (a pre-hook's ``mul_``) gets nothing."""
+        ``layers.FastLinearMixin``), in the members' order, for them to return (``shared_output``); None: the leader
+        ran without computing theirs (a long input). ``x``'s version counter is kept too: a member whose input was
+        changed in place since (a pre-hook's ``mul_``) gets nothing."""
         self.shrinks["outputs", group_key] = (x, x._version, outputs)
 
-    def shared_output(self, group_key: int, x: torch.Tensor, index: int, last: bool) -> torch.Tensor | None:
-        """Member ``index``'s (1 for the first after the leader) output from ``share_outputs`` if the leader
-        computed it from this very tensor, else None (the member then computes its own). The last member drops
-        the entry, as ``shared_shrink`` does."""
+    def shared_output(
+        self, group_key: int, x: torch.Tensor, index: int, last: bool
+    ) -> tuple[torch.Tensor | None, bool]:
+        """``(output, missed)``: member ``index``'s (1 for the first after the leader) output from ``share_outputs``
+        if the leader computed it from this very tensor, unchanged since, else None (the member then computes its
+        own); ``missed`` where the leader has not run in this call yet or computed outputs this member cannot use
+        (its work for the member was wasted), not where it ran without computing them. The last member drops the
+        entry, as ``shared_shrink`` does."""
         key = ("outputs", group_key)
         entry = self.shrinks.pop(key, None) if last else self.shrinks.get(key)
-        if entry is None or entry[0] is not x or entry[1] != x._version:
-            return None
-        return entry[2][index - 1]
+        if entry is None:
+            return None, True
+        source, version, outputs = entry
+        if outputs is None:
+            return None, False
+        if source is not x or version != x._version:
+            return None, True
+        return outputs[index - 1], False
 
     def addresses(self) -> tuple[int, ...]:
         """The device addresses of ``segments``, read once per view (eager calls only: not while torch.compile

@@ -126,6 +126,11 @@ def test_inputs_past_the_fusing_limit_launch_per_member(adapter_dirs, monkeypatc
     counts = count_launches(monkeypatch)
     assert_close_relative(model(**batch, adapter_names=names).logits, expected)
     assert counts == {"_shrink": 2 * 4 + 1, "_expand": 2 * 7 + 1}
+    # A long input (a prefill) launches per member without turning the groups' fusing off for short ones (decode).
+    counts.clear()
+    short = tiny.random_prompts(len(names), 4, seed=1)
+    model(**short, adapter_names=names)
+    assert counts["_expand_group"] == 2 * 2
 
 
 @interpreted
