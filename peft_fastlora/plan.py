@@ -87,7 +87,7 @@ class PlanView:
         ``layers.FastLinearMixin``), in the members' order, for them to return (``shared_output``); None: the leader
         ran without computing theirs (a long input). ``x``'s version counter is kept too: a member whose input was
         changed in place since (a pre-hook's ``mul_``) gets nothing."""
-        self.shrinks["outputs", group_key] = (x, x._version, outputs)
+        self.shrinks["outputs", group_key] = (x, _version(x), outputs)
 
     def shared_output(
         self, group_key: int, x: torch.Tensor, index: int, last: bool
@@ -104,7 +104,7 @@ class PlanView:
         source, version, outputs = entry
         if outputs is None:
             return None, False
-        if source is not x or version != x._version:
+        if source is not x or version != _version(x):
             return None, True
         return outputs[index - 1], False
 
@@ -123,6 +123,12 @@ class PlanView:
     def group_rows(self, start: int, length: int) -> torch.Tensor:
         """int32 indices of the rows of one segment (a view of ``sorted_rows``)."""
         return self.sorted_rows[start : start + length]
+
+
+def _version(x: torch.Tensor) -> int | None:
+    """``x``'s version counter; None for an inference tensor (torch.inference_mode), which keeps none: there only
+    the identity of the input is checked."""
+    return None if x.is_inference() else x._version
 
 
 def _segments(slots: list[int]) -> tuple[list[int], list[tuple[int, int, int]]]:
