@@ -11,7 +11,14 @@ What it does not see: the CUDA-graph and AOT wrappers' per-input work on a GPU, 
 larger than the guards (``benchmarks/results/h200/NOTES.md``, session 26). Measured on a 2-core CPU at commit
 6a7fde9: base 6.3 µs, PEFT one adapter 29.1 µs, ours 16.0 µs per decoder layer (21.0 before the storage keys).
 
+``--generate`` measures inside ``generate`` instead (static cache, so transformers compiles the decode step): the
+median time of one call of the compiled forward, and the median gap between two calls (the loop's own host work),
+per decoder layer from the two depths. With ``--device cuda --backend inductor`` the call is the real one
+(inductor, CUDA graphs: transformers' default CompileConfig), at width 64, so its GPU time is negligible and
+what differs between rows is host time around the graph.
+
     python benchmarks/compile_overhead.py [--rows base,peft,ours] [--calls 400]
+    python benchmarks/compile_overhead.py --generate --device cuda --backend inductor   # on a GPU
 """
 
 from __future__ import annotations
@@ -29,19 +36,19 @@ import torch
 import torch._dynamo
 from bench_generate import TARGETS
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, StaticCache
+from transformers import AutoModelForCausalLM, CompileConfig, StaticCache
 
 from peft_fastlora import patch_model, tiny
 
 ASSIGNMENT = ["a0", "a1", "__base__", "a3"]
 
 
-def build(row: str, layers: int):
-    """``row``'s model ("base", "peft" or "ours") with ``layers`` decoder layers, in eval mode."""
+def build(row: str, layers: int, device: str = "cpu"):
+    """``row``'s model ("base", "peft" or "ours") with ``layers`` decoder layers on ``device``, in eval mode."""
     config = tiny.tiny_config("llama")
     config.num_hidden_layers = layers
     torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_config(config).eval()
+    base = AutoModelForCausalLM.from_config(config).to(device).eval()
     if row == "base":
         return base
     lora = {"r": 4, "target_modules": TARGETS, "init_lora_weights": False}
@@ -103,13 +110,70 @@ def median_call_us(row: str, layers: int, calls: int) -> float:
     return best
 
 
+def generate_call_us(row: str, layers: int, device: str, backend: str, new_tokens: int = 40) -> tuple[float, float]:
+    """``(call, gap)``: median µs of one call of the compiled decode step inside ``generate`` (static cache), and
+    the median µs between the end of one call and the start of the next; the fastest of three generates."""
+    torch._dynamo.reset()
+    model = build(row, layers, device)
+    inner = model if row == "base" else model.get_base_model()
+    if backend == "replay":
+        config = CompileConfig(backend=replaying_backend, mode=None)
+    else:
+        config = CompileConfig()  # transformers' default: inductor, "reduce-overhead" (CUDA graphs)
+    config._compile_all_devices = True  # a CPU run compiles too
+    prompts = {key: value.to(device) for key, value in tiny.random_prompts(len(ASSIGNMENT), 5, seed=1).items()}
+    kwargs = {
+        **prompts, "do_sample": False, "cache_implementation": "static", "compile_config": config,
+        "pad_token_id": 0, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens,
+    }  # fmt: skip
+    if row == "ours":
+        kwargs["adapter_names"] = ASSIGNMENT
+    with torch.no_grad():
+        model.generate(**kwargs)  # compiles (and captures the CUDA graph)
+        model.generate(**kwargs)
+    compiled = inner._compiled_call
+    spans = []
+
+    def timed(*args, **call_kwargs):
+        started = time.perf_counter()
+        output = compiled(*args, **call_kwargs)
+        spans.append((started, time.perf_counter()))
+        return output
+
+    inner._compiled_call = timed  # what generate's get_compiled_call hands the decode loop
+    calls, gaps = [], []
+    for _ in range(3):
+        spans.clear()
+        with torch.no_grad():
+            model.generate(**kwargs)
+        calls.append(statistics.median(end - start for start, end in spans) * 1e6)
+        gaps.append(statistics.median(spans[i + 1][0] - spans[i][1] for i in range(len(spans) - 1)) * 1e6)
+    return min(calls), min(gaps)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="base,peft,ours", help="comma list of base, peft, ours")
     parser.add_argument("--calls", type=int, default=400, help="timed calls per median")
     parser.add_argument("--layers", type=int, nargs=2, default=[2, 10], help="the two depths compared")
+    parser.add_argument("--generate", action="store_true", help="time the compiled call inside generate")
+    parser.add_argument("--device", default="cpu", help="--generate: the models' device")
+    parser.add_argument("--backend", choices=["replay", "inductor"], default="replay", help="--generate's compiler")
     args = parser.parse_args()
     shallow, deep = args.layers
+    if args.generate:
+        for row in args.rows.split(","):
+            (call_low, gap_low), (call_high, gap_high) = (
+                generate_call_us(row, layers, args.device, args.backend) for layers in (shallow, deep)
+            )
+            per_layer = (call_high - call_low) / (deep - shallow)
+            print(
+                f"{row:>5} ({args.device}, {args.backend}): compiled call {shallow} layers {call_low:.0f} µs,"
+                f" {deep} layers {call_high:.0f} µs, per layer {per_layer:.1f} µs;"
+                f" gap between calls {gap_low:.0f} / {gap_high:.0f} µs",
+                flush=True,
+            )
+        return
     for row in args.rows.split(","):
         low, high = (median_call_us(row, layers, args.calls) for layers in (shallow, deep))
         per_layer = (high - low) / (deep - shallow)
