@@ -25,8 +25,15 @@ for row in ["base", "ours"]:
     config = CompileConfig(backend=co.replaying_backend, mode=None)
     config._compile_all_devices = True
     prompts = {k: v.to(device) for k, v in co.tiny.random_prompts(len(co.ASSIGNMENT), 5, seed=1).items()}
-    kwargs = {**prompts, "do_sample": False, "cache_implementation": "static", "compile_config": config,
-              "pad_token_id": 0, "max_new_tokens": 40, "min_new_tokens": 40}
+    kwargs = {
+        **prompts,
+        "do_sample": False,
+        "cache_implementation": "static",
+        "compile_config": config,
+        "pad_token_id": 0,
+        "max_new_tokens": 40,
+        "min_new_tokens": 40,
+    }
     if row == "ours":
         kwargs["adapter_names"] = co.ASSIGNMENT
     with torch.no_grad():
@@ -34,7 +41,7 @@ for row in ["base", "ours"]:
     compiled = inner._compiled_call
     captured = []
 
-    def keep(*args, **call_kwargs):
+    def keep(*args, captured=captured, compiled=compiled, **call_kwargs):
         captured.append((args, call_kwargs))
         return compiled(*args, **call_kwargs)
 

@@ -23,8 +23,10 @@ models = bg.build_models(args, "cuda", ["model"], [])
 ours = models.peft["model"]
 patch_model(ours, backend="triton")
 torch.manual_seed(1)
-batch = {"input_ids": torch.randint(0, 128256, (32, 128), device="cuda"),
-         "attention_mask": torch.ones(32, 128, dtype=torch.long, device="cuda")}
+batch = {
+    "input_ids": torch.randint(0, 128256, (32, 128), device="cuda"),
+    "attention_mask": torch.ones(32, 128, dtype=torch.long, device="cuda"),
+}
 names = [f"a{i % 8}" for i in range(32)]
 extra = bg.mode_kwargs("compiled", "cuda")
 
@@ -47,18 +49,23 @@ def phase(label, rows):
         for row in rows:
             steps[row].append((gen(row, 33) - gen(row, 1)) / 32 * 1e3)
     for row in rows:
-        print(f"{label:>6} {row:>5}: step {statistics.median(steps[row]):.3f} ms "
-              f"(repeats {', '.join(f'{s:.2f}' for s in steps[row])})", flush=True)
+        print(
+            f"{label:>6} {row:>5}: step {statistics.median(steps[row]):.3f} ms "
+            f"(repeats {', '.join(f'{s:.2f}' for s in steps[row])})",
+            flush=True,
+        )
 
 
 phase("normal", ["base", "ours"])
 torch._dynamo.reset()
 
 
-def noop_shrink(x, sorted_rows, seg_slots, seg_starts, seg_lens, num_segments, tokens_per_row, key, num_slots,
-                max_rank):
-    return launch._keyed_shrink_fake(x, sorted_rows, seg_slots, seg_starts, seg_lens, num_segments, tokens_per_row,
-                                     key, num_slots, max_rank)
+def noop_shrink(
+    x, sorted_rows, seg_slots, seg_starts, seg_lens, num_segments, tokens_per_row, key, num_slots, max_rank
+):
+    return launch._keyed_shrink_fake(
+        x, sorted_rows, seg_slots, seg_starts, seg_lens, num_segments, tokens_per_row, key, num_slots, max_rank
+    )
 
 
 launch.keyed_shrink_op.register_kernel("cuda")(noop_shrink)
