@@ -420,8 +420,9 @@ MAX_FUSED_MEMBERS = 3
 def link_siblings(layers: list[LoraLayer]) -> None:
     """Tell a sibling group's layers (their ``PackedLora`` just made) whether the leader serves them all at once:
     with 2 or 3 members, none holding DoRA adapters and every base layer a plain ``torch.nn.Linear`` (so every
-    output is a fresh contiguous tensor of the input's dtype). The leader then keeps its siblings in
-    ``_fastlora_siblings`` (``()`` otherwise)."""
+    output is a fresh contiguous tensor of the input's dtype). The leader keeps its siblings in
+    ``_fastlora_siblings`` either way: to serve them, and under torch.compile to see their pre-hooks
+    (``layers._members_pre_hooked``)."""
     packs = [layer._fastlora_packed for layer in layers]
     fused = (
         2 <= len(layers) <= MAX_FUSED_MEMBERS
@@ -432,7 +433,7 @@ def link_siblings(layers: list[LoraLayer]) -> None:
     keys, rank = tuple(packed.key for packed in packs), max(packed.max_rank for packed in packs)
     for index, packed in enumerate(packs):
         packed.fused, packed.member_keys, packed.member_index, packed.group_rank = fused, keys, index, rank
-    layers[0]._fastlora_siblings = tuple(layers[1:]) if fused else ()
+    layers[0]._fastlora_siblings = tuple(layers[1:])
 
 
 def sibling_groups(named_layers: list[tuple[str, LoraLayer]]) -> list[list[LoraLayer]]:

@@ -137,6 +137,16 @@ def plan_output(view, fields, x: torch.Tensor) -> torch.Tensor | None:
     return output
 
 
+def _members_pre_hooked(leader) -> bool:
+    """Whether a forward pre-hook (a member's own, or a global one) runs before the leader's other members: it may
+    change their shared input in place after the leader computed their outputs. Eager calls see that through the
+    input's version counter (``PlanView.shared_output``); a graph traced by torch.compile has no version counters,
+    so there a group whose members have pre-hooks does not fuse (dynamo guards the hook dicts read here)."""
+    if torch.nn.modules.module._global_forward_pre_hooks:
+        return True
+    return any(sibling._forward_pre_hooks for sibling in leader._fastlora_siblings)
+
+
 def _group_forward(leader, x: torch.Tensor, state, view, fields) -> torch.Tensor:
     """The leader of a fused sibling group (``bank.link_siblings``) serves every member: each member's base layer on
     ``x``, one shrink of the group, one expand launch adding every member's delta; the other members' outputs wait
@@ -167,16 +177,20 @@ class FastLinearMixin(_FastLayer):
             return super().forward(x, *args, adapter_names=self._row_names(view), **kwargs)
         packed = self._fastlora_packed
         fields = launch_fields(packed)  # (not packed's own fields: see launch_fields)
+        # Under torch.compile a leader whose members have pre-hooks shares nothing with them (_members_pre_hooked).
+        unshared = fields.leader and fields.group_key is not None and torch.compiler.is_compiling()
+        unshared = unshared and _members_pre_hooked(self)
         if peft_rows:
             # Under a GPU pool the packed adapters' weights are in host memory, out of PEFT's reach: PEFT computes
             # the rows of the adapters it serves here (the hook named every other row "__base__"), the kernels the
             # rest (the adapters PEFT serves have rank 0 in this layer's slots).
             result = super().forward(x, *args, **kwargs)
         else:
-            # Eager calls only: under torch.compile the leader's references to its siblings are a second path to
-            # modules the model reaches too, which dynamo checks with a Python aliasing guard per member on every
-            # call (3 per decoder layer), more than the launches saved in a CUDA graph are worth.
-            if fields.fused and not (args or kwargs) and not torch.compiler.is_compiling():
+            # Also under torch.compile: there the leader's references to its siblings are a second path to modules
+            # the model reaches too, which dynamo checks with a Python aliasing guard per member on every call (3
+            # per decoder layer, a few µs of host), while each launch it saves costs ~8 µs of a CUDA-graph step
+            # (kernel and the gap before the next node; H200, session 32).
+            if fields.fused and not (args or kwargs):
                 if not fields.leader:
                     result = plan_output(view, fields, x)
                     if result is not None:
@@ -185,6 +199,7 @@ class FastLinearMixin(_FastLayer):
                     x.numel() <= FUSE_MAX_TOKENS * x.shape[-1]
                     and state.backend.fuses_siblings
                     and not packed.fusing_missed
+                    and not unshared
                 ):
                     return _group_forward(self, x, state, view, fields)
                 else:
@@ -192,11 +207,13 @@ class FastLinearMixin(_FastLayer):
             result = self.base_layer(x, *args, **kwargs)
         if not fields.has_dora:
             state.backend.add_lora(result, x, packed, view)
-            return result
-        # DoRA rows are rounded to the output dtype once, as PEFT does: delta and rescale in at least fp32.
-        exact = result.to(dora_dtype(result, packed.dora))
-        state.backend.add_lora(exact, x, packed, view)
-        apply_dora(result, exact, view.row_slots, packed.dora)
+        else:
+            # DoRA rows are rounded to the output dtype once, as PEFT does: delta and rescale in at least fp32.
+            exact = result.to(dora_dtype(result, packed.dora))
+            state.backend.add_lora(exact, x, packed, view)
+            apply_dora(result, exact, view.row_slots, packed.dora)
+        if unshared:
+            view.shared_shrink(fields.group_key, x, last=True)  # withdraw the group's shrink: members make their own
         return result
 
 

@@ -70,17 +70,19 @@ class PlanView:
         each other's, and under torch.compile the layers reach it through the plan, which every layer reads from
         one place, where a per-group attribute made dynamo add a Python aliasing guard per member and replay a
         store per group after every call."""
-        self.shrinks[group_key] = (x, h)
+        self.shrinks[group_key] = (x, _version(x), h)
 
     def shared_shrink(self, group_key: int, x: torch.Tensor, last: bool) -> torch.Tensor | None:
         """Group ``group_key``'s shrink output if it was computed from this very tensor, else None.
 
         The last member (``last``) drops the pair, so that neither the input nor ``h`` outlives the group's layers
         (a call otherwise kept every decoder layer's normed input alive until it ended: 5x base's prefill memory).
-        A member that finds nothing (it reads another input, as T5's cross-attention k/v do) computes its own
-        shrink."""
-        pair = self.shrinks.pop(group_key, None) if last else self.shrinks.get(group_key)
-        return pair[1] if pair is not None and pair[0] is x else None
+        A member that finds nothing (it reads another input, as T5's cross-attention k/v do), or whose input was
+        changed in place since (a pre-hook's ``mul_``: its version counter moved), computes its own shrink."""
+        entry = self.shrinks.pop(group_key, None) if last else self.shrinks.get(group_key)
+        if entry is None or entry[0] is not x or entry[1] != _version(x):
+            return None
+        return entry[2]
 
     def share_outputs(self, group_key: int, x: torch.Tensor, outputs: tuple[torch.Tensor, ...] | None) -> None:
         """Keep the outputs a fused sibling group's leader computed for its other members from input ``x`` (see
@@ -126,8 +128,10 @@ class PlanView:
 
 
 def _version(x: torch.Tensor) -> int | None:
-    """``x``'s version counter; None for an inference tensor (torch.inference_mode), which keeps none: there only
-    the identity of the input is checked."""
+    """``x``'s version counter; None for an inference tensor (torch.inference_mode), which keeps none, and while
+    torch.compile traces (the graph has no version counters): there only the identity of the input is checked."""
+    if torch.compiler.is_compiling():
+        return None
     return None if x.is_inference() else x._version
 
 

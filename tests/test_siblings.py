@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import copy
 
+import pytest
 import torch
 from helpers import assert_close_relative, interpreted, load
 from peft import LoraConfig, get_peft_model
@@ -155,9 +156,11 @@ def test_fused_members_keep_their_hooks(adapter_dirs):
 
 @interpreted
 @torch.no_grad()
-def test_a_member_whose_input_changed_in_place_computes_its_own(adapter_dirs):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_a_member_whose_input_changed_in_place_computes_its_own(adapter_dirs, compiled):
     """The leader's outputs were computed before k_proj's pre-hook scaled the shared input in place: k_proj (same
-    tensor, new version) and v_proj compute their own, as in PEFT."""
+    tensor, new version) and v_proj compute their own, as in PEFT. Compiled (no version counters in the graph):
+    the group with a pre-hooked member does not fuse; the other groups do."""
     model = load("llama", adapter_dirs)
     peft = copy.deepcopy(model)
 
@@ -170,6 +173,20 @@ def test_a_member_whose_input_changed_in_place_computes_its_own(adapter_dirs):
     batch = tiny.random_prompts(len(names), 4, seed=int(torch.randint(0, 1000, ())))
     expected = peft(**batch, adapter_names=names).logits
     patch_model(model, backend="triton")
+    if compiled:
+        torch._dynamo.reset()
+        inner = model.get_base_model()
+        inner.forward = torch.compile(inner.forward, backend="aot_eager", fullgraph=True)
+        fused = []
+        original = layers._group_forward
+        with pytest.MonkeyPatch.context() as patcher:
+            patcher.setattr(
+                layers, "_group_forward", lambda leader, *args: fused.append(leader) or original(leader, *args)
+            )
+            assert_close_relative(model(**batch, adapter_names=names).logits, expected)
+        attention = inner.model.layers[0].self_attn
+        assert attention.q_proj not in fused and inner.model.layers[1].self_attn.q_proj in fused
+        return
     assert_close_relative(model(**batch, adapter_names=names).logits, expected)
 
 
