@@ -71,6 +71,25 @@ class _PooledUnit:
         self.source_b = [_readable(packed.b, device) for packed in host]
         self._slot_views: dict[int, list] = {}
         self.caps = [packed.max_rank for packed in host]
+        # The fast path's sources per bank slot, as element ranges of flat views (``full_sources``): one slice per
+        # piece, bounds read from arrays made here once (a Python loop over members and a view per piece cost
+        # ~0.7 ms an adapter on a CPU, paid by every adapter a call copies for the first time).
+        self._flat_a = self.source_a.view(-1)
+        width = group_a.shape[1]
+        ranks = np.array([packed.ranks for packed in host], dtype=np.int64).reshape(len(host), -1)
+        self._full_mask = (ranks == np.array(self.caps, dtype=np.int64)[:, None]).all(axis=0)
+        group = host[0].group
+        if group is not None:
+            starts = np.asarray(group.offsets, dtype=np.int64)
+            self._a_bounds = np.stack([starts, starts + np.asarray(group.ranks, dtype=np.int64)]) * width
+        else:
+            starts = np.array([packed.a_offsets for packed in host], dtype=np.int64).reshape(len(host), -1)
+            self._a_bounds = np.stack([starts, starts + ranks]) * width  # [2, members, slots]
+        b_starts = np.array([packed.b_offsets for packed in host], dtype=np.int64).reshape(len(host), -1)
+        outs = np.array([packed.out_features for packed in host], dtype=np.int64)[:, None]
+        self._b_bounds = np.stack([b_starts * outs, (b_starts + ranks) * outs])  # [2, members, slots]
+        self._ranks = ranks  # [members, slots]
+        self._member_scales = [meta[4] for meta in self.host_meta]
         self.inner = [sum(self.caps[:index]) for index in range(len(host))]
         self.group_cap = sum(self.caps)
         slots = np.arange(capacity)
@@ -142,34 +161,31 @@ class _PooledUnit:
             scales[gpu_slot] = meta[4, slot]  # the scale's fp32 bits
         return copied
 
-    def full_sources(self, slot: int) -> list[torch.Tensor] | None:
-        """Bank slot ``slot``'s pieces as copies read them, in ``full_targets``' order, where every member holds
-        the adapter at its cap rank (so no padding: one rank for every adapter of a layer, the common case);
-        None otherwise (``copy_in`` serves it)."""
-        if not self._full(slot):
-            return None
-        group = self.host[0].group
-        sources = (
-            [] if group is None else [self.source_a[group.offsets[slot] : group.offsets[slot] + group.ranks[slot]]]
-        )
-        for packed, source_b in zip(self.host, self.source_b, strict=True):
-            rank, out = packed.ranks[slot], packed.out_features
-            if group is None:
-                sources.append(self.source_a[packed.a_offsets[slot] : packed.a_offsets[slot] + rank])
-            b_start = packed.b_offsets[slot] * out
-            sources.append(source_b[b_start : b_start + rank * out].view(out, rank))
-        return sources
+    def full_layout(self) -> tuple[list[torch.Tensor], np.ndarray]:
+        """Where every bank slot's pieces lie, for slots at the caps (``full_mask``): the flat source of each piece,
+        in ``full_targets``' order, and ``[2, pieces, slots]`` element bounds in it (start, end)."""
+        if self._a_bounds.ndim == 2:  # a group: its rows of each slot, then every member's lora_B block
+            return [self._flat_a, *self.source_b], np.concatenate([self._a_bounds[:, None], self._b_bounds], axis=1)
+        sources = [piece for source_b in self.source_b for piece in (self._flat_a, source_b)]
+        bounds = np.stack([self._a_bounds, self._b_bounds], axis=2).reshape(2, -1, self._b_bounds.shape[-1])
+        return sources, bounds
+
+    @property
+    def full_mask(self) -> np.ndarray:
+        """Per bank slot: every member holds it at its cap rank (so no padding: one rank for every adapter of a
+        layer, the common case), so ``full_layout`` covers it; ``copy_in`` serves the others."""
+        return self._full_mask
 
     def full_targets(self, gpu_slot: int) -> list[torch.Tensor]:
-        """GPU slot ``gpu_slot``'s pieces in ``full_sources``' order: the group's rows then every member's lora_B
-        block, or (no group) every member's lora_A rows and lora_B block."""
+        """GPU slot ``gpu_slot``'s pieces in ``full_sources``' order, flattened: the group's rows then every member's
+        lora_B block, or (no group) every member's lora_A rows and lora_B block."""
         views = self._targets(gpu_slot)
         if views[0] is not None:
-            return [views[0], *(b for _, b in views[1:])]
-        return [piece for pair in views[1:] for piece in pair]
+            return [views[0].view(-1), *(b.view(-1) for _, b in views[1:])]
+        return [piece.view(-1) for pair in views[1:] for piece in pair]
 
     def _full(self, slot: int) -> bool:
-        return all(packed.ranks[slot] == cap for packed, cap in zip(self.host, self.caps, strict=True))
+        return bool(self._full_mask[slot])
 
     def _targets(self, gpu_slot: int) -> list:
         """GPU slot ``gpu_slot``'s views, made once: the group's rows ``[group_cap, in]`` (or None), then per
@@ -186,10 +202,11 @@ class _PooledUnit:
             self._slot_views[gpu_slot] = views
         return views
 
-    def rescale(self, slot: int, gpu_slot: int) -> None:
-        """Rewrite the mirrored scale of GPU slot ``gpu_slot`` from bank slot ``slot``'s host value."""
-        for packed, scales, meta in zip(self.host, self.scale_mirrors, self.host_meta, strict=True):
-            scales[gpu_slot] = meta[4, slot] if packed.ranks[slot] else 0
+    def rescale(self, slots: np.ndarray, gpu_slots: np.ndarray) -> None:
+        """Rewrite the mirrored scales of GPU slots ``gpu_slots`` from bank slots ``slots``' host values (0 where a
+        member lacks the adapter); int64 arrays of one length."""
+        for ranks, scales, host_scales in zip(self._ranks, self.scale_mirrors, self._member_scales, strict=True):
+            scales[gpu_slots] = np.where(ranks[slots] > 0, host_scales[slots], 0)
 
 
 def _readable(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -320,6 +337,7 @@ class AdapterPool:
             self._queue(slots[name], gpu_slot, copies)
             self.resident[name] = gpu_slot
             self._versions[name] = self._version_sum(name)
+        self._rescale([(slots[name], gpu_slot) for name, gpu_slot in previous])
         copies.run(non_blocking=self.pin)
         self._meta.copy_(self._mirror_tensor)
         self._data_reads = data_reads()
@@ -389,6 +407,7 @@ class AdapterPool:
         by_slot = {gpu_slot: name for name, gpu_slot in self.resident.items()}
         copied = 0
         copies = _Copies()
+        queued: list[tuple[int, int]] = []
         start_event = self._record_event() if self.timing else None
         self._wait_for_meta_copy()
         for name in missing:
@@ -402,9 +421,11 @@ class AdapterPool:
                     del self.resident[evicted]
                     self._versions.pop(evicted, None)
             copied += self._queue(slots[name], gpu_slot, copies)
+            queued.append((slots[name], gpu_slot))
             self.resident[name] = gpu_slot
             self._versions[name] = self._version_sum(name)
             self.stats["misses"] += 1
+        self._rescale(queued)
         if missing:
             # One call for every weight copy (a C++ loop of asynchronous copies from page-locked memory).
             copies.run(non_blocking=self.pin)
@@ -441,23 +462,44 @@ class AdapterPool:
             pieces = [piece for unit in self.units for piece in unit.full_targets(gpu_slot)]
             targets = self._full_targets[gpu_slot] = _grouped_by(self._full_keys, pieces)
         copies.extend(targets, grouped_sources)
-        for unit in self.units:
-            unit.rescale(slot, gpu_slot)
-        return nbytes
+        return nbytes  # (the caller rescales: ``_rescale``)
+
+    def _rescale(self, pairs: list[tuple[int, int]]) -> None:
+        """Mirror the scales of the adapters just queued, ``(bank slot, GPU slot)`` pairs, in every unit."""
+        if pairs:
+            slots, gpu_slots = np.array(pairs, dtype=np.int64).T
+            for unit in self.units:
+                unit.rescale(slots, gpu_slots)
 
     def _sources_of(self, slot: int) -> tuple[dict, int] | None:
-        """Bank slot ``slot``'s source views grouped by ``_pair_key`` and their bytes, or None where some unit
-        holds it below its cap."""
-        sources = []
+        """Bank slot ``slot``'s source pieces (1-D views) grouped by ``_pair_key`` and their bytes, or None where
+        some unit holds it below its cap. One slice per piece, its bounds read from one array of every unit's
+        (``_full_layout``): a loop over units and members with a view or two per piece cost ~0.7 ms an adapter
+        on a CPU, paid by every adapter a call copies for the first time (most of a Zipf tail's)."""
+        if self._full_keys is None:
+            self._full_layout()
+        if not self._slot_full[slot]:
+            return None
+        starts, ends = self._piece_bounds[:, :, slot].tolist()
+        sources = [source[start:end] for source, start, end in zip(self._piece_sources, starts, ends, strict=True)]
+        nbytes = int((self._piece_itemsizes * (self._piece_bounds[1, :, slot] - self._piece_bounds[0, :, slot])).sum())
+        return _grouped_by(self._full_keys, sources), nbytes
+
+    def _full_layout(self) -> None:
+        """Every unit's ``full_layout`` joined, and the pieces' copy keys (a piece's dtypes, devices and density are
+        the same for every slot, so the keys are found from GPU slot 0's targets and any slot's sources)."""
+        sources, bounds = [], []
+        self._slot_full = np.ones(len(self.units[0].full_mask) if self.units else 0, dtype=bool)
         for unit in self.units:
-            pieces = unit.full_sources(slot)
-            if pieces is None:
-                return None
-            sources += pieces
-        if self._full_keys is None:  # (a piece's dtypes, devices and density are the same for every slot)
-            targets = [piece for unit in self.units for piece in unit.full_targets(0)]
-            self._full_keys = [_pair_key(target, source) for target, source in zip(targets, sources, strict=True)]
-        return _grouped_by(self._full_keys, sources), sum(source.nbytes for source in sources)
+            unit_sources, unit_bounds = unit.full_layout()
+            sources += unit_sources
+            bounds.append(unit_bounds)
+            self._slot_full &= unit.full_mask
+        self._piece_sources = sources
+        self._piece_bounds = np.concatenate(bounds, axis=1) if bounds else np.zeros((2, 0, 0), dtype=np.int64)
+        self._piece_itemsizes = np.array([source.element_size() for source in sources], dtype=np.int64)
+        targets = [piece for unit in self.units for piece in unit.full_targets(0)]
+        self._full_keys = [_pair_key(target, source[:0]) for target, source in zip(targets, sources, strict=True)]
 
     def release(self, gpu_slots: set[int]) -> None:
         """The call that ``place`` served has ended: its GPU slots may be evicted again."""
@@ -470,9 +512,10 @@ class AdapterPool:
         for unit in self.units:
             if unit.host is host:
                 self._wait_for_meta_copy()
-                for name, gpu_slot in self.resident.items():
-                    if name in slots:  # (a deleted adapter stays listed until the next rebuild; nothing reads it)
-                        unit.rescale(slots[name], gpu_slot)
+                # (a deleted adapter stays listed until the next rebuild; nothing reads it)
+                pairs = [(slots[name], gpu_slot) for name, gpu_slot in self.resident.items() if name in slots]
+                if pairs:
+                    unit.rescale(*np.array(pairs, dtype=np.int64).T)
                 self._meta.copy_(self._mirror_tensor, non_blocking=self.pin)
 
     def copy_gpu_seconds(self) -> float:
