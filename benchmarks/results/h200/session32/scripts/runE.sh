@@ -8,8 +8,8 @@ export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 PYTHONPATH=.:benchmarks
 export TRITON_CACHE_DIR=$PWD/build/bench_cache/triton
 START=$SECONDS
 echo "commit ${FASTLORA_COMMIT:-?}" > $OUT/runE.txt
-( timeout 150 python -m pytest -m gpu -o addopts= -q -p no:cacheprovider -rfs -s tests/test_pool.py > $OUT/gpu_pool.txt 2>&1; echo "rc=$?" >> $OUT/gpu_pool.txt ) &
-timeout 255 python benchmarks/bench_pool.py --adapters 1000 --capacity 64 --mode eager --repeats 3 --warm 4 \
+( timeout 140 python -m pytest -m gpu -o addopts= -q -p no:cacheprovider -rfs -s tests/test_pool.py > $OUT/gpu_pool.txt 2>&1; echo "rc=$?" >> $OUT/gpu_pool.txt ) &
+timeout 235 python benchmarks/bench_pool.py --adapters 1000 --capacity 64 --mode eager --repeats 3 --warm 4 \
     --no-zipf-row --backend triton --out $OUT/poolE_eager.json > $OUT/poolE_eager.log 2>&1
 echo "=== bench_pool eager rc=$? at $((SECONDS-START)) s" >> $OUT/runE.txt
 wait
