@@ -421,8 +421,8 @@ def link_siblings(layers: list[LoraLayer]) -> None:
     """Tell a sibling group's layers (their ``PackedLora`` just made) whether the leader serves them all at once:
     with 2 or 3 members, none holding DoRA adapters and every base layer a plain ``torch.nn.Linear`` (so every
     output is a fresh contiguous tensor of the input's dtype). The leader keeps its siblings in
-    ``_fastlora_siblings`` either way: to serve them, and under torch.compile to see their pre-hooks
-    (``layers._members_pre_hooked``)."""
+    ``_fastlora_siblings`` either way: to serve them, and to see their hooks
+    (``layers._hooks_between_members``)."""
     packs = [layer._fastlora_packed for layer in layers]
     fused = (
         2 <= len(layers) <= MAX_FUSED_MEMBERS

@@ -137,14 +137,34 @@ def plan_output(view, fields, x: torch.Tensor) -> torch.Tensor | None:
     return output
 
 
-def _members_pre_hooked(leader) -> bool:
-    """Whether a forward pre-hook (a member's own, or a global one) runs before the leader's other members: it may
-    change their shared input in place after the leader computed their outputs. Eager calls see that through the
-    input's version counter (``PlanView.shared_output``); a graph traced by torch.compile has no version counters,
-    so there a group whose members have pre-hooks does not fuse (dynamo guards the hook dicts read here)."""
-    if torch.nn.modules.module._global_forward_pre_hooks:
+def _global_hooks() -> bool:
+    module = torch.nn.modules.module
+    return bool(module._global_forward_pre_hooks or module._global_forward_hooks)
+
+
+def _hooks_inside_group_call(leader) -> bool:
+    """Whether hooks would run inside a fused leader's call (``_group_forward``), between its members' base layers
+    and the group's shrink: global forward hooks, and its members' base layers' own. One that changes the shared
+    input in place there would make the leader's own delta read the changed input (PEFT computes it before the
+    members run), and the input's version is recorded only after: such a group does not fuse."""
+    if _global_hooks():
         return True
-    return any(sibling._forward_pre_hooks for sibling in leader._fastlora_siblings)
+    bases = [sibling.base_layer for sibling in leader._fastlora_siblings]
+    return any(base._forward_pre_hooks or base._forward_hooks for base in bases)
+
+
+def _hooks_between_members(leader) -> bool:
+    """Whether hooks run between a leader's call and its members' use of what it shared (its shrink, or their
+    outputs): those of ``_hooks_inside_group_call``, the leader's forward hooks, the members' own forward pre-hooks
+    and forward hooks. One of them may change the shared input in place. Eager calls see that through the input's
+    version counter (``PlanView``); a graph traced by torch.compile has none, nor has an inference tensor, so there a
+    leader with such hooks around shares nothing with its members.
+
+    (As for any torch.compile'd module, with torch's default ``skip_nnmodule_hook_guards`` a graph traced without
+    hooks is replayed after hooks are added, and runs without them: this sees the hooks present when it traces.)"""
+    if _hooks_inside_group_call(leader) or leader._forward_hooks:
+        return True
+    return any(sibling._forward_pre_hooks or sibling._forward_hooks for sibling in leader._fastlora_siblings)
 
 
 def _group_forward(leader, x: torch.Tensor, state, view, fields) -> torch.Tensor:
@@ -177,9 +197,10 @@ class FastLinearMixin(_FastLayer):
             return super().forward(x, *args, adapter_names=self._row_names(view), **kwargs)
         packed = self._fastlora_packed
         fields = launch_fields(packed)  # (not packed's own fields: see launch_fields)
-        # Under torch.compile a leader whose members have pre-hooks shares nothing with them (_members_pre_hooked).
-        unshared = fields.leader and fields.group_key is not None and torch.compiler.is_compiling()
-        unshared = unshared and _members_pre_hooked(self)
+        # Where the input's version is unseen (torch.compile, an inference tensor), a leader with hooks around its
+        # members shares nothing with them (_hooks_between_members).
+        unshared = fields.leader and fields.group_key is not None
+        unshared = unshared and (torch.compiler.is_compiling() or x.is_inference()) and _hooks_between_members(self)
         if peft_rows:
             # Under a GPU pool the packed adapters' weights are in host memory, out of PEFT's reach: PEFT computes
             # the rows of the adapters it serves here (the hook named every other row "__base__"), the kernels the
@@ -200,6 +221,7 @@ class FastLinearMixin(_FastLayer):
                     and state.backend.fuses_siblings
                     and not packed.fusing_missed
                     and not unshared
+                    and not _hooks_inside_group_call(self)
                 ):
                     return _group_forward(self, x, state, view, fields)
                 else:

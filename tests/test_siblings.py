@@ -154,40 +154,56 @@ def test_fused_members_keep_their_hooks(adapter_dirs):
     assert_close_relative(seen["ours"][-1], seen["peft"][-1])
 
 
+def scale_input_in_place(module, args, *output) -> None:
+    args[0].mul_(1.5)
+
+
+IN_PLACE_HOOKS = {
+    # A member's pre-hook, the leader's forward hook: they run between the leader's call and the members' reads of
+    # what it shared; a member's base layer's pre-hook runs inside the fused leader's call, before the group's shrink.
+    "k_pre": lambda attention: attention.k_proj.register_forward_pre_hook(scale_input_in_place),
+    "q_post": lambda attention: attention.q_proj.register_forward_hook(scale_input_in_place),
+    "k_base_pre": lambda attention: attention.k_proj.base_layer.register_forward_pre_hook(scale_input_in_place),
+}
+
+
 @interpreted
-@torch.no_grad()
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_a_member_whose_input_changed_in_place_computes_its_own(adapter_dirs, compiled):
-    """The leader's outputs were computed before k_proj's pre-hook scaled the shared input in place: k_proj (same
-    tensor, new version) and v_proj compute their own, as in PEFT. Compiled (no version counters in the graph):
-    the group with a pre-hooked member does not fuse; the other groups do."""
+@pytest.mark.parametrize(
+    "mode, hook",
+    [
+        ("eager", "k_pre"), ("eager", "k_base_pre"), ("compiled", "k_pre"), ("compiled", "q_post"),
+        ("inference", "k_pre"),
+    ],
+)  # fmt: skip
+def test_a_hook_that_changes_the_shared_input_in_place(adapter_dirs, mode, hook):
+    """A hook that scales the group's shared input in place after the leader computed its members' outputs or the
+    group's shrink (or, on a member's base layer, inside the fused leader's call): every layer gets what PEFT
+    computes. Eager calls see the change in the input's version counter; compiled graphs and inference tensors keep
+    none, so there a leader with hooks around its members shares nothing with them (the other groups still fuse)."""
     model = load("llama", adapter_dirs)
     peft = copy.deepcopy(model)
-
-    def scale_in_place(module, args) -> None:
-        args[0].mul_(1.5)
-
     for twin in (model, peft):
-        twin.base_model.model.model.layers[0].self_attn.k_proj.register_forward_pre_hook(scale_in_place)
+        IN_PLACE_HOOKS[hook](twin.base_model.model.model.layers[0].self_attn)
     names = ["a", "b", "__base__", "c"]
     batch = tiny.random_prompts(len(names), 4, seed=int(torch.randint(0, 1000, ())))
-    expected = peft(**batch, adapter_names=names).logits
+    context = torch.inference_mode if mode == "inference" else torch.no_grad
+    with context():
+        expected = peft(**batch, adapter_names=names).logits
     patch_model(model, backend="triton")
-    if compiled:
+    inner = model.get_base_model()
+    if mode == "compiled":
         torch._dynamo.reset()
-        inner = model.get_base_model()
         inner.forward = torch.compile(inner.forward, backend="aot_eager", fullgraph=True)
-        fused = []
-        original = layers._group_forward
-        with pytest.MonkeyPatch.context() as patcher:
-            patcher.setattr(
-                layers, "_group_forward", lambda leader, *args: fused.append(leader) or original(leader, *args)
-            )
-            assert_close_relative(model(**batch, adapter_names=names).logits, expected)
-        attention = inner.model.layers[0].self_attn
-        assert attention.q_proj not in fused and inner.model.layers[1].self_attn.q_proj in fused
-        return
-    assert_close_relative(model(**batch, adapter_names=names).logits, expected)
+    fused = []
+    original = layers._group_forward
+    with pytest.MonkeyPatch.context() as patcher, context():
+        patcher.setattr(
+            layers, "_group_forward", lambda leader, *args: fused.append(leader) or original(leader, *args)
+        )
+        assert_close_relative(model(**batch, adapter_names=names).logits, expected)
+    if mode != "eager" or hook == "k_base_pre":
+        assert inner.model.layers[0].self_attn.q_proj not in fused
+    assert inner.model.layers[1].self_attn.q_proj in fused
 
 
 @interpreted
