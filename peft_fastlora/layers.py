@@ -149,8 +149,11 @@ def _hooks_inside_group_call(leader) -> bool:
     members run), and the input's version is recorded only after: such a group does not fuse."""
     if _global_hooks():
         return True
-    bases = [sibling.base_layer for sibling in leader._fastlora_siblings]
-    return any(base._forward_pre_hooks or base._forward_hooks for base in bases)
+    for sibling in leader._fastlora_siblings:  # (a plain loop: every fused leader's eager call pays this)
+        base = sibling._modules["base_layer"]
+        if base._forward_pre_hooks or base._forward_hooks:
+            return True
+    return False
 
 
 def _hooks_between_members(leader) -> bool:
@@ -164,7 +167,10 @@ def _hooks_between_members(leader) -> bool:
     hooks is replayed after hooks are added, and runs without them: this sees the hooks present when it traces.)"""
     if _hooks_inside_group_call(leader) or leader._forward_hooks:
         return True
-    return any(sibling._forward_pre_hooks or sibling._forward_hooks for sibling in leader._fastlora_siblings)
+    for sibling in leader._fastlora_siblings:
+        if sibling._forward_pre_hooks or sibling._forward_hooks:
+            return True
+    return False
 
 
 def _group_forward(leader, x: torch.Tensor, state, view, fields) -> torch.Tensor:
