@@ -26,6 +26,7 @@ from peft.tuners.lora import layer as lora_layer
 
 from . import storage_keys
 from .dora import apply_dora, dora_dtype
+from .plan import version_unseen
 from .storage_keys import launch_fields
 
 PATCH_ATTRIBUTES = (
@@ -206,7 +207,7 @@ class FastLinearMixin(_FastLayer):
         # Where the input's version is unseen (torch.compile, an inference tensor), a leader with hooks around its
         # members shares nothing with them (_hooks_between_members).
         unshared = fields.leader and fields.group_key is not None
-        unshared = unshared and (torch.compiler.is_compiling() or x.is_inference()) and _hooks_between_members(self)
+        unshared = unshared and version_unseen(x) and _hooks_between_members(self)
         if peft_rows:
             # Under a GPU pool the packed adapters' weights are in host memory, out of PEFT's reach: PEFT computes
             # the rows of the adapters it serves here (the hook named every other row "__base__"), the kernels the

@@ -127,12 +127,17 @@ class PlanView:
         return self.sorted_rows[start : start + length]
 
 
+def version_unseen(x: torch.Tensor) -> bool:
+    """Whether an in-place change of ``x`` goes unseen: while torch.compile traces (the graph has no version
+    counters) and for an inference tensor (torch.inference_mode), which keeps none. There a shared entry checks only
+    the input's identity, and leaders with hooks around their members share nothing
+    (``layers._hooks_between_members``)."""
+    return torch.compiler.is_compiling() or x.is_inference()
+
+
 def _version(x: torch.Tensor) -> int | None:
-    """``x``'s version counter; None for an inference tensor (torch.inference_mode), which keeps none, and while
-    torch.compile traces (the graph has no version counters): there only the identity of the input is checked."""
-    if torch.compiler.is_compiling():
-        return None
-    return None if x.is_inference() else x._version
+    """``x``'s version counter, or None where it is unseen (``version_unseen``)."""
+    return None if version_unseen(x) else x._version
 
 
 def _segments(slots: list[int]) -> tuple[list[int], list[tuple[int, int, int]]]:

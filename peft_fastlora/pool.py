@@ -464,11 +464,11 @@ class AdapterPool:
         copies.extend(targets, grouped_sources)
         return nbytes  # (the caller rescales: ``_rescale``)
 
-    def _rescale(self, pairs: list[tuple[int, int]]) -> None:
-        """Mirror the scales of the adapters just queued, ``(bank slot, GPU slot)`` pairs, in every unit."""
+    def _rescale(self, pairs: list[tuple[int, int]], units: list[_PooledUnit] | None = None) -> None:
+        """Mirror the host scales of ``(bank slot, GPU slot)`` pairs in ``units`` (default: every unit)."""
         if pairs:
             slots, gpu_slots = np.array(pairs, dtype=np.int64).T
-            for unit in self.units:
+            for unit in self.units if units is None else units:
                 unit.rescale(slots, gpu_slots)
 
     def _sources_of(self, slot: int) -> tuple[dict, int] | None:
@@ -514,8 +514,7 @@ class AdapterPool:
                 self._wait_for_meta_copy()
                 # (a deleted adapter stays listed until the next rebuild; nothing reads it)
                 pairs = [(slots[name], gpu_slot) for name, gpu_slot in self.resident.items() if name in slots]
-                if pairs:
-                    unit.rescale(*np.array(pairs, dtype=np.int64).T)
+                self._rescale(pairs, [unit])
                 self._meta.copy_(self._mirror_tensor, non_blocking=self.pin)
 
     def copy_gpu_seconds(self) -> float:
