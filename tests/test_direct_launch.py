@@ -84,6 +84,31 @@ def test_triton_launch_hooks_still_see_every_launch_gpu(tmp_path):
     assert_close_relative(actual, peft(**batch, adapter_names=names).logits)
 
 
+@pytest.mark.gpu
+@torch.no_grad()
+def test_programmatic_dependent_launches_match_peft_gpu(tmp_path, monkeypatch):
+    """On Hopper and later the kernels are programmatic dependent launches (each may start before the kernel ahead of
+    it ends, and waits for it in its own code before touching memory): with and without, eager calls and decode
+    steps equal PEFT's."""
+    model, names, batch = gpu_test_model(torch.float32, tmp_path)
+    peft = copy.deepcopy(model)
+    expected = peft(**batch, adapter_names=names).logits
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    expected_tokens = peft.generate(**batch, adapter_names=names, **kwargs)
+    capable = torch.cuda.get_device_capability()[0] >= 9
+    for enabled in (True, False):
+        monkeypatch.setattr(launch, "PDL", enabled)  # read when a layer prepares its launches: a fresh model each
+        fast = copy.deepcopy(model)
+        patch_model(fast, backend="triton")
+        assert launch.use_pdl(torch.device("cuda")) == (enabled and capable)
+        actual = torch.full_like(expected, float("nan"))
+        actual.copy_(fast(**batch, adapter_names=names).logits)
+        assert_close_relative(actual, expected)
+        assert torch.equal(fast.generate(**batch, adapter_names=names, **kwargs), expected_tokens)
+        if enabled:  # (kernels compiled by earlier tests stay cached, so the other way round proves nothing)
+            assert any(kernel.metadata.launch_pdl for kernel in launch._shrink._compiled.values()) == capable
+
+
 class _InterpretedDirectCall:
     """A stand-in for ``DirectCall`` under the interpreter: like the real one it fixes every argument but the two
     per-call tensors, which it finds again by their addresses, and replays the grid and constexprs it was made

@@ -1,6 +1,8 @@
 """The kernels compile for a GPU, checked on any machine: Triton's front end builds their TTIR for an sm_90 target
 without a GPU. The interpreter (which runs the CPU tests) executes kernels as Python, so it accepts code the
-compiler refuses: a variable of a loop body read after the loop once passed every CPU test and failed to build."""
+compiler refuses: a variable of a loop body read after the loop once passed every CPU test and failed to build.
+Every kernel builds with and without ``USE_PDL`` (the programmatic dependent launch's wait, which the interpreter
+never runs)."""
 
 from __future__ import annotations
 
@@ -48,16 +50,17 @@ cases = itertools.product(["bf16", "fp16", "fp32"], ["bf16", "fp32"], ["tf32", "
 for x, w, precision, r_tiles in cases:
     ints = ["*i32"] * 7 + ["i32"] * 4
     build(shrink_kernel, SHRINK, [f"*{x}", f"*{w}", "*fp32"] + ints,
-          dict(BLOCK_M=16, BLOCK_R=16, R_TILES=r_tiles, BLOCK_K=64, K_STEPS=2, PRECISION=precision))
+          dict(BLOCK_M=16, BLOCK_R=16, R_TILES=r_tiles, BLOCK_K=64, K_STEPS=2, PRECISION=precision,
+               USE_PDL=r_tiles == 2))
     for shared, splits in itertools.product([False, True], [1, 2]):
         build(expand_kernel, EXPAND, ["*fp32", "*i32", f"*{w}", "*fp32", f"*{x}"] + ["*i32"] * 7 + ["i32"] * 4,
               dict(BLOCK_M=16, BLOCK_R=16, R_TILES=r_tiles, H_STRIDE=16 * r_tiles, BLOCK_N=64, SPLITS=splits,
-                   SHARED_H=shared, PRECISION=precision))
+                   SHARED_H=shared, PRECISION=precision, USE_PDL=splits == 2))
     member = ["*i32", f"*{w}", "*fp32", f"*{x}", "*i32", "*i32", "i32"]
     for members in (2, 3):
         build(expand_group_kernel, GROUP_EXPAND, ["*fp32"] + ["*i32"] * 5 + member * 3 + ["i32"] * 4,
               dict(BLOCK_M=16, BLOCK_R=16, R_TILES=r_tiles, H_STRIDE=48 * r_tiles, BLOCK_N=64, SPLITS=2,
-                   MEMBERS=members, PRECISION=precision))
+                   MEMBERS=members, PRECISION=precision, USE_PDL=members == 3))
     built += 7
 print("built", built)
 """

@@ -145,7 +145,8 @@ class CompiledLauncher:
             return
         runtime = triton.knobs.runtime
         if _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook):
-            self.kernel[grid](*args, **constexprs)  # a profiler's launch hooks: Triton's own path calls them
+            # A profiler's launch hooks: Triton's own path calls them.
+            self.kernel[grid](*args, **constexprs, **_options(constexprs))
             return
         # A DirectCall per everything it fixes: the grid, the constexprs, every other argument (tensors by address
         # and dtype), and the dtypes and 16-byte alignment of the two per-call tensors (their specialisation). This
@@ -202,7 +203,8 @@ class CompiledLauncher:
         key = (device, *constexprs.values(), *map(_specialization, args))
         kernel = self._compiled.get(key)
         if kernel is None:
-            kernel = self.kernel.warmup(*args, grid=(1, 1, 1), **constexprs)  # compiles; launches nothing
+            # Compiles; launches nothing. The options are not kernel arguments: the launches below never pass them.
+            kernel = self.kernel.warmup(*args, grid=(1, 1, 1), **constexprs, **_options(constexprs))
             kernel = kernel.result() if hasattr(kernel, "result") else kernel
             self._compiled[key] = kernel
         return kernel
@@ -261,9 +263,31 @@ class CompiledLauncher:
         return launch, meta, plain, device
 
 
+def _options(constexprs: dict) -> dict:
+    """Triton compile options that follow from a launch's constexprs: a kernel compiled with ``USE_PDL`` (which waits
+    for the previous kernel in its own code) is launched as a programmatic dependent launch."""
+    return {"launch_pdl": True} if constexprs.get("USE_PDL") else {}
+
+
 @functools.cache
 def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+PDL = os.environ.get("PEFT_FASTLORA_PDL", "1") != "0"
+"""Whether kernels on GPUs that support it (compute capability 9.0 and later: Hopper, Blackwell) are launched as
+programmatic dependent launches (``_dependent_launch`` in ``sgmv``). ``PEFT_FASTLORA_PDL=0`` turns it off, for a
+side-by-side measurement."""
+
+
+@functools.cache
+def _pdl_capable(device: torch.device) -> bool:
+    return device.type == "cuda" and not INTERPRETED and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Whether this call's kernels on ``device`` are programmatic dependent launches (see ``PDL``)."""
+    return PDL and _pdl_capable(device)
 
 
 MAX_RANK_BLOCK = 64
@@ -395,7 +419,7 @@ def shrink_launch(
     )  # fmt: skip
     constexprs = dict(
         BLOCK_M=block_m, BLOCK_R=block_r, R_TILES=r_tiles, BLOCK_K=block_k, K_STEPS=k_steps,
-        PRECISION=dot_precision(x.dtype, a.dtype),
+        PRECISION=dot_precision(x.dtype, a.dtype), USE_PDL=use_pdl(x.device),
     )  # fmt: skip
     return h, (grid, args, constexprs)
 
@@ -462,7 +486,7 @@ def expand_launch(
     )  # fmt: skip
     constexprs = dict(
         BLOCK_M=block_m, BLOCK_R=block_r, R_TILES=r_tiles, H_STRIDE=h.shape[2], BLOCK_N=block_n, SPLITS=h.shape[0],
-        SHARED_H=h_cols is not None, PRECISION=dot_precision(y.dtype, b.dtype),
+        SHARED_H=h_cols is not None, PRECISION=dot_precision(y.dtype, b.dtype), USE_PDL=use_pdl(y.device),
     )  # fmt: skip
     return grid, args, constexprs
 
@@ -497,7 +521,7 @@ def expand_group_launch(
     )  # fmt: skip
     constexprs = dict(
         BLOCK_M=block_m, BLOCK_R=block_r, R_TILES=r_tiles, H_STRIDE=h.shape[2], BLOCK_N=block_n, SPLITS=h.shape[0],
-        MEMBERS=len(ys), PRECISION=dot_precision(ys[0].dtype, members[0][1].dtype),
+        MEMBERS=len(ys), PRECISION=dot_precision(ys[0].dtype, members[0][1].dtype), USE_PDL=use_pdl(ys[0].device),
     )  # fmt: skip
     return grid, args, constexprs
 

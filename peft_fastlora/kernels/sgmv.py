@@ -27,6 +27,21 @@ import triton.language as tl
 
 
 @triton.jit
+def _dependent_launch(USE_PDL: tl.constexpr):
+    """The start of a kernel launched as a programmatic dependent launch (Hopper and later; ``launch_pdl``).
+
+    Such a launch may start while the kernel before it in the stream is still running, so that its launch and
+    scheduling overlap that kernel's tail: in a decode step's CUDA graph each LoRA launch otherwise left the GPU
+    idle for about as long as its own few µs of work. ``gdc_wait`` blocks every thread until the previous kernel
+    has completed and its writes are visible, so it comes before the kernel's first global load or store (plan
+    metadata included); ``gdc_launch_dependents`` then lets the next PDL kernel (a shrink's expand) be scheduled
+    early, to wait in its own ``gdc_wait``."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
 def _segment_tile(
     sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, num_segments_ptr, offsets_ptr, ranks_ptr,
     tokens_per_row, BLOCK_M: tl.constexpr,
@@ -85,13 +100,15 @@ def shrink_kernel(
     sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, num_segments_ptr, offsets_ptr, ranks_ptr,
     K, num_tokens, tokens_per_row, stride_x,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, R_TILES: tl.constexpr, BLOCK_K: tl.constexpr,
-    K_STEPS: tl.constexpr, PRECISION: tl.constexpr,
+    K_STEPS: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     """``h[split, t, r] = x[t, k-range] @ A_s[r, k-range]ᵀ`` for the tokens of one tile of one segment and one
     tile of ``BLOCK_R`` rank lanes (``program_id(2) = split * R_TILES + rank tile``).
 
     ``h`` is fp32 ``[splits, num_tokens, R_TILES * BLOCK_R]``; only the tokens of segments and the rank tiles that
-    start below the adapter's rank are written (lanes past the rank inside a written tile hold zeros)."""
+    start below the adapter's rank are written (lanes past the rank inside a written tile hold zeros). ``USE_PDL``:
+    launched as a programmatic dependent launch (see ``_dependent_launch``)."""
+    _dependent_launch(USE_PDL)
     split = tl.program_id(2) // R_TILES
     r_start = (tl.program_id(2) % R_TILES) * BLOCK_R
     r = r_start + tl.arange(0, BLOCK_R)
@@ -161,6 +178,7 @@ def expand_kernel(
     N, num_tokens, tokens_per_row, stride_y,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, R_TILES: tl.constexpr, H_STRIDE: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, SHARED_H: tl.constexpr, PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
     """``y[t, n-tile] += scale_s · (Σ_split h[split, t]) @ B_s[n-tile, :]ᵀ`` for the tokens of one tile of one
     segment (the delta rounded to B's dtype, the sum to y's).
@@ -170,7 +188,9 @@ def expand_kernel(
     contiguous stretch of memory when the tile spans the whole rank. The rank is walked ``BLOCK_R`` lanes at a time
     (``R_TILES`` tiles cover the layer's largest rank). ``h`` rows are ``H_STRIDE`` wide. With ``SHARED_H`` it is a
     sibling group's shrink output (q/k/v stacked), and this layer's part of slot s starts at column ``h_cols[s]``;
-    otherwise at column 0. ``scales`` is fp32 ``[num_slots]`` (PEFT's scaling), applied to ``h`` in fp32."""
+    otherwise at column 0. ``scales`` is fp32 ``[num_slots]`` (PEFT's scaling), applied to ``h`` in fp32.
+    ``USE_PDL``: as for ``shrink_kernel``."""
+    _dependent_launch(USE_PDL)
     _expand_program(
         h_ptr, h_cols_ptr, b_ptr, scales_ptr, y_ptr,
         sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, num_segments_ptr, offsets_ptr, ranks_ptr,
@@ -188,13 +208,15 @@ def expand_group_kernel(
     tiles_0, tiles_01, num_tokens, tokens_per_row,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, R_TILES: tl.constexpr, H_STRIDE: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, MEMBERS: tl.constexpr, PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
     """``expand_kernel`` for every member of a sibling group (q/k/v: ``MEMBERS`` 3; gate/up: 2) in one launch, each
     into its own contiguous output ``y_m`` (``[num_tokens, N_m]``) from its columns of the group's shrink output
     ``h``: output tile ``program_id(2)`` belongs to member 0 below ``tiles_0``, to member 1 below ``tiles_01``, else
     to member 2. A two-member group passes member 1's arguments again as member 2's (never read). One launch
     instead of one per member: in decode each launch is a few µs of latency, on the GPU and, in eager calls, on
-    the host."""
+    the host. ``USE_PDL``: as for ``shrink_kernel``."""
+    _dependent_launch(USE_PDL)
     tile = tl.program_id(2)
     if tile < tiles_0:
         _expand_program(
