@@ -437,7 +437,8 @@ class Bench:
             rows.append(Row("peft_disabled", None, None, generate(first, first.disable_adapter)))
         for dtype in self.adapter_dtypes:
             peft = models.peft[dtype]
-            rows.append(Row("peft_single", dtype, None, single(peft), model=peft, phase=2))
+            if args.peft_single:
+                rows.append(Row("peft_single", dtype, None, single(peft), model=peft, phase=2))
             if not compiled and args.peft_mixed:
                 for distinct in distincts:
                     run = generate(peft, adapter_names=self.names(batch_size, distinct))
@@ -726,6 +727,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="0: no warm-up run for PEFT's mixed row (eager: nothing to compile; the base row warmed the GPU up)",
     )  # fmt: skip
     parser.add_argument("--no-peft-mixed", dest="peft_mixed", action="store_false", help="skip PEFT's mixed row")
+    parser.add_argument("--no-peft-single", dest="peft_single", action="store_false",
+                        help="skip PEFT's one-adapter row (an A/B of our own code: its compile is the longest)")
     parser.add_argument("--no-peft-disabled", dest="peft_disabled", action="store_false",
                         help="skip the eager row of the PeftModel under disable_adapter()")  # fmt: skip
     parser.add_argument("--no-gate", dest="gate", action="store_false", help="skip the fp32-oracle correctness gate")

@@ -245,6 +245,7 @@ def main() -> None:
     ]  # fmt: skip
     argv += [] if args.gate else ["--no-gate"]
     argv += [] if "peft_disabled" in rows else ["--no-peft-disabled"]
+    argv += [] if "peft_single" in rows else ["--no-peft-single"]
     argv += ["--profile-dir", args.tables] if args.tables else []
     if args.small:
         argv += ["--small", "--model-dtype", "bf16"]
