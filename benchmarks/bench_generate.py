@@ -727,8 +727,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="0: no warm-up run for PEFT's mixed row (eager: nothing to compile; the base row warmed the GPU up)",
     )  # fmt: skip
     parser.add_argument("--no-peft-mixed", dest="peft_mixed", action="store_false", help="skip PEFT's mixed row")
-    parser.add_argument("--no-peft-single", dest="peft_single", action="store_false",
-                        help="skip PEFT's one-adapter row (an A/B of our own code: its compile is the longest)")
+    parser.add_argument(
+        "--no-peft-single",
+        dest="peft_single",
+        action="store_false",
+        help="skip PEFT's one-adapter row (an A/B of our own code: its compile is the longest)",
+    )
     parser.add_argument("--no-peft-disabled", dest="peft_disabled", action="store_false",
                         help="skip the eager row of the PeftModel under disable_adapter()")  # fmt: skip
     parser.add_argument("--no-gate", dest="gate", action="store_false", help="skip the fp32-oracle correctness gate")
