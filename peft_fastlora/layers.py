@@ -183,9 +183,15 @@ def _group_forward(leader, x: torch.Tensor, state, view, fields) -> torch.Tensor
     eager calls, of host time. Every member still runs its own forward, so its hooks and PEFT's checks run as
     before; a member called on another input (or none) computes its own output, so a wrong guess about which
     layers read one input costs time, never correctness."""
+    backend = state.backend
+    overlap = backend.overlaps()
+    started = backend.start_lora(x, view, fields, group=True) if overlap else None  # (before the GEMMs it runs beside)
     results = [leader.base_layer(x)]
     results += [sibling.base_layer(x) for sibling in leader._fastlora_siblings]
-    state.backend.add_group_lora(results, x, leader, view, fields)
+    if overlap:
+        backend.finish_lora(results, started, fields)
+    else:
+        backend.add_group_lora(results, x, leader, view, fields)
     view.share_outputs(fields.group_key, x, tuple(results[1:]))
     return results[0]
 
@@ -233,6 +239,12 @@ class FastLinearMixin(_FastLayer):
                     return _group_forward(self, x, state, view, fields)
                 else:
                     view.share_outputs(fields.group_key, x, None)  # (members: not a miss, see plan_output)
+            if fields.group_key is None and not fields.has_dora and state.backend.overlaps():
+                # Compiled, with launch.OVERLAP: the shrink on a side stream beside the base GEMM (see start_lora).
+                started = state.backend.start_lora(x, view, fields, group=False)
+                result = self.base_layer(x, *args, **kwargs)
+                state.backend.finish_lora([result], started, fields)
+                return result
             result = self.base_layer(x, *args, **kwargs)
         if not fields.has_dora:
             state.backend.add_lora(result, x, packed, view)

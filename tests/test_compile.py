@@ -25,6 +25,7 @@ from torch._dynamo.utils import counters
 from transformers import CompileConfig
 
 from peft_fastlora import patch_model, tiny
+from peft_fastlora.kernels import launch
 
 ASSIGNMENTS = [
     ["a", "b", "__base__", "a"],
@@ -74,6 +75,36 @@ def test_compiled_generate_never_recompiles_across_assignments(backend, assignme
     assert compilations() == after_first, f"recompiled for a new assignment: {dict(counters['frames'])}"
 
 
+@interpreted
+@torch.no_grad()
+def test_compiled_generate_with_side_stream_shrinks(adapter_dirs, monkeypatch):
+    """``launch.OVERLAP``: a compiled forward launches each shrink before the base GEMMs it may run beside and
+    expands after joining (``keyed_shrink_async``, the joined expands), for single layers and fused sibling groups.
+    The same tokens as PEFT's eager generate, for two assignments, with no recompilation. There is no side stream on
+    a CPU, so this checks the traced graph and the ops' order of work; the streams run in the GPU variant of
+    ``test_compiled_generate_on_gpu``."""
+    model = load("llama", adapter_dirs)
+    assignments = ASSIGNMENTS[:3:2]
+    batch = tiny.random_prompts(4, 7, seed=int(torch.randint(0, 1000, ())))
+    eager = {"max_new_tokens": 3, "min_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
+    expected = [model.generate(**batch, adapter_names=names, **eager) for names in assignments]
+    patch_model(model, backend="triton")
+    monkeypatch.setattr(launch, "OVERLAP", True)
+    joins = []
+    join = launch._join_side_stream
+    monkeypatch.setattr(launch, "_join_side_stream", lambda device: (joins.append(device), join(device)))
+    torch._dynamo.reset()
+    counters.clear()
+    kwargs = compiled_kwargs(3, backend="aot_eager", mode=None, fullgraph=True)
+    assert torch.equal(model.generate(**batch, adapter_names=assignments[0], **kwargs), expected[0])
+    after_first = compilations()
+    assert after_first[0] >= 1, "the decode step was not compiled"
+    # Per decoder layer of a compiled step: q/k/v and gate/up fused (one join each), o and down alone.
+    assert len(joins) >= 4 * model.config.num_hidden_layers, len(joins)
+    assert torch.equal(model.generate(**batch, adapter_names=assignments[1], **kwargs), expected[1])
+    assert compilations() == after_first, f"recompiled for a new assignment: {dict(counters['frames'])}"
+
+
 def teacher_forced_logits(model, sequences: torch.Tensor, prompt_mask: torch.Tensor, names: list) -> torch.Tensor:
     """The logits an unpatched model gives, in one forward over ``sequences`` (prompt + generated tokens), at the
     positions whose logits chose each generated token: ``[batch, new tokens, vocab]``. Position ids follow the
@@ -96,11 +127,15 @@ def generated_vs_oracle(model, peft, oracle, batch: dict, names: list, kwargs: d
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "backend,dtype,overlap",
+    [(backend, dtype, False) for backend in ("torch", "triton") for dtype in (torch.float32, torch.bfloat16)]
+    + [("triton", torch.float32, True), ("triton", torch.bfloat16, True)],
+)
 @torch.no_grad()
-def test_compiled_generate_on_gpu(dtype, backend, tmp_path):
+def test_compiled_generate_on_gpu(dtype, backend, overlap, tmp_path, monkeypatch):
     """Inductor with CUDA graphs (transformers' default compile config): one compilation for four assignments.
+    ``overlap``: with ``launch.OVERLAP``, the shrinks on a side stream inside the CUDA graph.
 
     fp32 (tiny model): greedy tokens equal PEFT's uncompiled static-cache run. bf16 (the wider model): greedy tokens
     of two bf16 computations are no oracle (they parted at row 1, position 13 on an H100), so each compiled step's
@@ -120,6 +155,7 @@ def test_compiled_generate_on_gpu(dtype, backend, tmp_path):
     if dtype == torch.float32:
         expected = [model.generate(**batch, adapter_names=row, disable_compile=True, **static) for row in assignments]
     patch_model(model, backend=backend)
+    monkeypatch.setattr(launch, "OVERLAP", overlap)
     torch._dynamo.reset()
     counters.clear()
     after_first, compared = None, []

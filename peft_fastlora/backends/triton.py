@@ -16,7 +16,14 @@ import triton
 
 from ..bank import LaunchFields, PackedLora
 from ..kernels import launch
-from ..kernels.launch import keyed_expand_, keyed_group_expand_, keyed_shrink
+from ..kernels.launch import (
+    keyed_expand_,
+    keyed_expand_joined_,
+    keyed_group_expand_,
+    keyed_group_expand_joined_,
+    keyed_shrink,
+    keyed_shrink_async,
+)
 from ..plan import PlanView
 from ..storage_keys import launch_fields
 from .torch_ref import TorchBackend
@@ -85,6 +92,36 @@ class TritonBackend(TorchBackend):
         h = keyed_shrink(x_tokens, *plan, fields.group_key, fields.num_slots, fields.group_max_rank)
         outputs = [result.view(-1, result.shape[-1]) for result in results]
         keyed_group_expand_(outputs, h, *plan, list(fields.member_keys), fields.group_rank)
+
+    def overlaps(self) -> bool:
+        """Whether this call's shrinks run on a side stream beside the base layers (``launch.OVERLAP``): only while
+        torch.compile traces, where the CUDA graph holds the fork and the join; see ``start_lora``."""
+        return launch.OVERLAP and torch.compiler.is_compiling()
+
+    def start_lora(self, x: torch.Tensor, view: PlanView, fields: LaunchFields, group: bool) -> tuple | None:
+        """The shrink of ``x`` for a layer (``group``: its fused sibling group), on a side stream, launched before
+        the base layer(s) so that it runs beside their GEMMs; ``finish_lora`` then joins and expands. Returns what
+        ``finish_lora`` takes, or None where the layer holds no adapter (nothing to add)."""
+        key, max_rank = (fields.group_key, fields.group_max_rank) if group else (fields.key, fields.max_rank)
+        if (fields.group_rank if group else fields.max_rank) == 0:
+            return None
+        x_tokens = x.reshape(-1, x.shape[-1])
+        if x_tokens.stride(-1) != 1:
+            x_tokens = x_tokens.contiguous()
+        plan = (*view.segments, x_tokens.shape[0] // view.num_rows)
+        return x_tokens, keyed_shrink_async(x_tokens, *plan, key, fields.num_slots, max_rank), plan
+
+    def finish_lora(self, results: list[torch.Tensor], started: tuple | None, fields: LaunchFields) -> None:
+        """Add the deltas of ``start_lora``'s shrink to ``results`` in place (one base output, or a fused group's in
+        member order), after joining the side stream."""
+        if started is None:
+            return
+        x_tokens, h, plan = started
+        outputs = [result.view(-1, result.shape[-1]) for result in results]
+        if len(outputs) == 1:
+            keyed_expand_joined_(outputs[0], h, x_tokens, *plan, fields.key, fields.max_rank)
+        else:
+            keyed_group_expand_joined_(outputs, h, x_tokens, *plan, list(fields.member_keys), fields.group_rank)
 
     def _add_group_lora_direct(
         self, results: list[torch.Tensor], x: torch.Tensor, leader, view: PlanView, fields: LaunchFields
