@@ -16,14 +16,7 @@ import triton
 
 from ..bank import LaunchFields, PackedLora
 from ..kernels import launch
-from ..kernels.launch import (
-    keyed_expand_,
-    keyed_expand_joined_,
-    keyed_group_expand_,
-    keyed_group_expand_joined_,
-    keyed_shrink,
-    keyed_shrink_async,
-)
+from ..kernels.launch import keyed_expand_, keyed_group_expand_, keyed_shrink
 from ..plan import PlanView
 from ..storage_keys import launch_fields
 from .torch_ref import TorchBackend
@@ -109,7 +102,9 @@ class TritonBackend(TorchBackend):
         if x_tokens.stride(-1) != 1:
             x_tokens = x_tokens.contiguous()
         plan = (*view.segments, x_tokens.shape[0] // view.num_rows)
-        return x_tokens, keyed_shrink_async(x_tokens, *plan, key, fields.num_slots, max_rank), plan
+        # (the custom ops straight: this runs only while torch.compile traces)
+        h = torch.ops.peft_fastlora.keyed_shrink_async(x_tokens, *plan, key, fields.num_slots, max_rank)
+        return x_tokens, h, plan
 
     def finish_lora(self, results: list[torch.Tensor], started: tuple | None, fields: LaunchFields) -> None:
         """Add the deltas of ``start_lora``'s shrink to ``results`` in place (one base output, or a fused group's in
@@ -119,9 +114,10 @@ class TritonBackend(TorchBackend):
         x_tokens, h, plan = started
         outputs = [result.view(-1, result.shape[-1]) for result in results]
         if len(outputs) == 1:
-            keyed_expand_joined_(outputs[0], h, x_tokens, *plan, fields.key, fields.max_rank)
+            torch.ops.peft_fastlora.keyed_expand_joined_(outputs[0], h, x_tokens, *plan, fields.key, fields.max_rank)
         else:
-            keyed_group_expand_joined_(outputs, h, x_tokens, *plan, list(fields.member_keys), fields.group_rank)
+            keys = list(fields.member_keys)
+            torch.ops.peft_fastlora.keyed_group_expand_joined_(outputs, h, x_tokens, *plan, keys, fields.group_rank)
 
     def _add_group_lora_direct(
         self, results: list[torch.Tensor], x: torch.Tensor, leader, view: PlanView, fields: LaunchFields

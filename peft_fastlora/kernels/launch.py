@@ -781,26 +781,3 @@ def keyed_group_expand_(*args) -> None:
         torch.ops.peft_fastlora.keyed_group_expand_(*args)
     else:
         launch_keyed_group_expand(*args)
-
-
-def keyed_shrink_async(*args) -> torch.Tensor:
-    """``launch_keyed_shrink_async`` in eager mode, the registered custom op while torch.compile traces."""
-    if torch.compiler.is_compiling():
-        return torch.ops.peft_fastlora.keyed_shrink_async(*args)
-    return launch_keyed_shrink_async(*args)
-
-
-def keyed_expand_joined_(*args) -> None:
-    """``launch_keyed_expand_joined`` in eager mode, the registered custom op while torch.compile traces."""
-    if torch.compiler.is_compiling():
-        torch.ops.peft_fastlora.keyed_expand_joined_(*args)
-    else:
-        launch_keyed_expand_joined(*args)
-
-
-def keyed_group_expand_joined_(*args) -> None:
-    """``launch_keyed_group_expand_joined`` in eager mode, the registered custom op while torch.compile traces."""
-    if torch.compiler.is_compiling():
-        torch.ops.peft_fastlora.keyed_group_expand_joined_(*args)
-    else:
-        launch_keyed_group_expand_joined(*args)
