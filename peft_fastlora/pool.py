@@ -4,8 +4,8 @@ With ``patch_model(model, max_gpu_adapters=K)`` the bank keeps its storage, whic
 in host memory (``host_empty``), and the kernels read a pool instead: per layer (per sibling group), ``K`` GPU
 slots of fixed size, each sized for the largest adapter the layer holds. Before each mixed call the adapters the
 call names that are not resident are copied in (``AdapterPool.place``), into free slots or over the least
-recently used adapters not held by a call in flight: one copy per layer and factor, all of a call's in one
-``torch._foreach_copy_``, no layer repacked. The plan then carries GPU slot ids.
+recently used adapters not held by a call in flight: one copy per layer and factor, each adapter's in one
+``torch._foreach_copy_`` per dtype, no layer repacked. The plan then carries GPU slot ids.
 
 What keeps a resident copy from going stale (the host storage is the truth; silent stale output is the worst bug):
 

@@ -8,6 +8,7 @@ of the plan's tensors, never as Python values that dynamo would guard on.
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from helpers import (
     oracle_batch,
 )
 from torch._dynamo.utils import counters
+from torch._inductor.utils import run_and_get_code
 from transformers import CompileConfig
 
 from peft_fastlora import patch_model, tiny
@@ -103,6 +105,62 @@ def test_compiled_generate_with_side_stream_shrinks(adapter_dirs, monkeypatch):
     assert len(joins) >= 4 * model.config.num_hidden_layers, len(joins)
     assert torch.equal(model.generate(**batch, adapter_names=assignments[1], **kwargs), expected[1])
     assert compilations() == after_first, f"recompiled for a new assignment: {dict(counters['frames'])}"
+
+
+def _call_arguments(line: str, op: str) -> list[str]:
+    """The top-level arguments of the call of ``op`` on one line of inductor's generated code, each reduced to the
+    name it starts with (``reinterpret_tensor(buf3, ...)`` → ``buf3``; a list → its first element's)."""
+    text = line[line.index(op + "(") + len(op) + 1 :]
+    arguments, depth, current = [], 0, ""
+    for character in text:
+        if depth == 0 and character in ",)":
+            arguments.append(current.strip())
+            current = ""
+            if character == ")":
+                break
+            continue
+        depth += (character in "([") - (character in ")]")
+        current += character
+    pattern = r"^\[?(?:reinterpret_tensor\()?([A-Za-z_]\w*).*$"
+    return [re.sub(pattern, r"\1", argument) for argument in arguments]
+
+
+@interpreted
+@torch.no_grad()
+def test_side_stream_shrinks_read_a_buffer_alive_until_their_join(adapter_dirs, monkeypatch):
+    """With ``launch.OVERLAP``, in inductor's generated code for a compiled decode step (on the CPU): each side-stream
+    shrink reads the very buffer of the layer input that its joined expand receives, and no line in between frees,
+    reuses or reassigns that buffer (on a GPU the side stream reads it until the join). Before the fork declared
+    the input mutated, inductor computed the input twice, once for the shrink alone, and gave that copy's memory to
+    a GEMM output right after the fork (a review of the generated code, session 33)."""
+    model = load("llama", adapter_dirs)
+    patch_model(model, backend="triton")
+    monkeypatch.setattr(launch, "OVERLAP", True)
+    torch._dynamo.reset()
+    batch = tiny.random_prompts(2, 5, seed=1)
+    kwargs = compiled_kwargs(2, backend="inductor", mode=None, fullgraph=True)
+    _, sources = run_and_get_code(model.generate, **batch, adapter_names=["a", "c"], **kwargs)
+    lines = "\n".join(sources).splitlines()
+    checked = 0
+    for index, line in enumerate(lines):
+        if "keyed_shrink_async.default(" not in line:
+            continue
+        source = _call_arguments(line, "keyed_shrink_async.default")[0]
+        for later in lines[index + 1 :]:
+            if "expand_joined_.default(" in later:
+                op = (
+                    "keyed_group_expand_joined_.default"
+                    if "group_expand_joined_" in later
+                    else "keyed_expand_joined_.default"
+                )
+                assert _call_arguments(later, op)[2] == source, (line, later)
+                break
+            assert not re.search(rf"\bdel {source}\b|= {source}\b|\b{source} = ", later), (line, later)
+        else:
+            raise AssertionError(f"no joined expand after {line}")
+        checked += 1
+    # Per decoder layer: q/k/v and gate/up (fused groups), o and down (single layers); and lm_head (adapter c).
+    assert checked >= 4 * model.config.num_hidden_layers, checked
 
 
 def teacher_forced_logits(model, sequences: torch.Tensor, prompt_mask: torch.Tensor, names: list) -> torch.Tensor:

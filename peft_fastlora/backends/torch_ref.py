@@ -25,7 +25,7 @@ class TorchBackend:
     name = "torch"
     fuses_siblings = False  # whether ``add_group_lora`` serves a fused sibling group (``layers._group_forward``)
 
-    def overlaps(self) -> bool:
+    def overlaps(self, x: torch.Tensor) -> bool:
         """Whether ``start_lora``/``finish_lora`` serve this call (the Triton backend's side-stream shrink): never."""
         return False
 

@@ -86,10 +86,13 @@ class TritonBackend(TorchBackend):
         outputs = [result.view(-1, result.shape[-1]) for result in results]
         keyed_group_expand_(outputs, h, *plan, list(fields.member_keys), fields.group_rank)
 
-    def overlaps(self) -> bool:
-        """Whether this call's shrinks run on a side stream beside the base layers (``launch.OVERLAP``): only while
-        torch.compile traces, where the CUDA graph holds the fork and the join; see ``start_lora``."""
-        return launch.OVERLAP and torch.compiler.is_compiling()
+    def overlaps(self, x: torch.Tensor) -> bool:
+        """Whether the shrink of input ``x`` runs on a side stream beside the base layers (``launch.OVERLAP``; see
+        ``start_lora``): only while torch.compile traces, where the CUDA graph holds the fork and the join, and for
+        inputs with a sequence dimension, whose plan view is the plan's own buffers. A flattened input's view
+        (``BatchPlan._token_view``) is computed inside the graph, in memory that inductor may reuse once the fork
+        has returned, while the side stream still reads it."""
+        return launch.OVERLAP and torch.compiler.is_compiling() and x.dim() > 2
 
     def start_lora(self, x: torch.Tensor, view: PlanView, fields: LaunchFields, group: bool) -> tuple | None:
         """The shrink of ``x`` for a layer (``group``: its fused sibling group), on a side stream, launched before

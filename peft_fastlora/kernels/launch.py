@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 
 import torch
 import triton
@@ -286,7 +287,12 @@ measurement that sees the graph's edges (Nsight Systems) and for kernels ahead o
 
 @functools.cache
 def _pdl_capable(device: torch.device) -> bool:
-    return device.type == "cuda" and not INTERPRETED and torch.cuda.get_device_capability(device)[0] >= 9
+    return (
+        device.type == "cuda"
+        and not INTERPRETED
+        and torch.version.hip is None  # (ROCm's MI300 reports 9.x too, and has no griddepcontrol)
+        and torch.cuda.get_device_capability(device)[0] >= 9
+    )
 
 
 def use_pdl(device: torch.device) -> bool:
@@ -615,16 +621,25 @@ it can run in parallel with the base GEMMs, leaving one LoRA node (the expand) o
 sibling group. Off by default until measured on a GPU (written in session 33, whose device time was spent);
 eager calls never use it (their cost is the host's, and a stream switch adds to it)."""
 
-_side_streams: dict[int, torch.cuda.Stream] = {}
+_side_streams = threading.local()
+"""``_side_streams.by_device``: this thread's side stream per CUDA device index. Per thread, so that one thread's
+join never waits on (or, while another thread captures a CUDA graph, touches) another's side work; a fork and its
+join run on one thread (the traced forward's, while cudagraph trees warm up and capture; a replay runs neither)."""
 
 
-def _side_stream(device: torch.device) -> torch.cuda.Stream | None:
-    """The side stream of ``device`` (made on first use), or None off CUDA (the shrink then runs in order)."""
+def _side_stream(device: torch.device, create: bool = True) -> torch.cuda.Stream | None:
+    """This thread's side stream of ``device`` (made on first use unless ``create`` is False), or None off CUDA (the
+    shrink then runs in order). A high-priority stream: the LoRA kernels are short and sit beside long GEMMs, and
+    torch hands out high-priority streams from a pool of their own, apart from the default-priority ones that
+    cudagraph trees and other libraries take."""
     if device.type != "cuda":
         return None
-    stream = _side_streams.get(device.index)
-    if stream is None:
-        stream = _side_streams[device.index] = torch.cuda.Stream(device)
+    streams = getattr(_side_streams, "by_device", None)
+    if streams is None:
+        streams = _side_streams.by_device = {}
+    stream = streams.get(device.index)
+    if stream is None and create:
+        stream = streams[device.index] = torch.cuda.Stream(device, priority=-1)
     return stream
 
 
@@ -648,21 +663,23 @@ def launch_keyed_shrink_async(
     a, offsets, ranks = storage_keys.lookup(key).shrink_operands()
     plan = (sorted_rows, seg_slots, seg_starts, seg_lens, num_segments)
     h, shrink = shrink_launch(x, a, offsets, ranks, *plan, tokens_per_row, max_rank)
-    if shrink is None:
-        return h
     side = _side_stream(x.device)
     if side is None:
-        _shrink(shrink[0], *shrink[1], **shrink[2])
+        if shrink is not None:
+            _shrink(shrink[0], *shrink[1], **shrink[2])
         return h
+    # The fork even with nothing to launch: the join waits on the side stream, which during a CUDA-graph capture
+    # must be part of the capture.
     side.wait_stream(torch.cuda.current_stream(x.device))
-    with torch.cuda.stream(side):
-        _shrink(shrink[0], *shrink[1], **shrink[2])
+    if shrink is not None:
+        with torch.cuda.stream(side):
+            _shrink(shrink[0], *shrink[1], **shrink[2])
     return h
 
 
 def _join_side_stream(device: torch.device) -> None:
-    """Make the current stream of ``device`` wait for everything queued on its side stream so far."""
-    side = _side_streams.get(device.index) if device.type == "cuda" else None
+    """Make the current stream of ``device`` wait for everything this thread queued on its side stream so far."""
+    side = _side_stream(device, create=False)
     if side is not None:
         torch.cuda.current_stream(device).wait_stream(side)
 
@@ -682,7 +699,7 @@ def launch_keyed_expand_joined(
 ) -> None:
     """``launch_keyed_expand`` (unshared ``h``) of ``keyed_shrink_async``'s ``h``, after joining the side stream.
     ``x`` is the shrink's input, taken only so that it stays allocated until the side stream has read it."""
-    _join_side_stream(y.device)
+    _join_side_stream(h.device)  # (the device the shrink ran on)
     plan = (sorted_rows, seg_slots, seg_starts, seg_lens, num_segments)
     launch_keyed_expand(y, h, *plan, tokens_per_row, key, False, max_rank)
 
@@ -702,7 +719,7 @@ def launch_keyed_group_expand_joined(
 ) -> None:
     """``launch_keyed_group_expand`` of ``keyed_shrink_async``'s ``h``, after joining the side stream (``x``: as for
     ``launch_keyed_expand_joined``)."""
-    _join_side_stream(ys[0].device)
+    _join_side_stream(h.device)
     plan = (sorted_rows, seg_slots, seg_starts, seg_lens, num_segments)
     launch_keyed_group_expand(ys, h, *plan, tokens_per_row, keys, max_rank)
 
@@ -714,7 +731,11 @@ keyed_expand_op = torch.library.custom_op("peft_fastlora::keyed_expand_", mutate
 keyed_group_expand_op = torch.library.custom_op("peft_fastlora::keyed_group_expand_", mutates_args=("ys",))(
     launch_keyed_group_expand
 )
-keyed_shrink_async_op = torch.library.custom_op("peft_fastlora::keyed_shrink_async", mutates_args=())(
+# The fork declares that it mutates x (it does not): inductor then hands the shrink, the base GEMMs and the joined
+# expand one and the same buffer of x, alive until the join. Without it inductor computed x twice (the norm before
+# q/k/v), once for the shrink, and reused that copy's memory for a GEMM output while the side stream still read it
+# (a review of the generated code, session 33).
+keyed_shrink_async_op = torch.library.custom_op("peft_fastlora::keyed_shrink_async", mutates_args=("x",))(
     launch_keyed_shrink_async
 )
 keyed_expand_joined_op = torch.library.custom_op("peft_fastlora::keyed_expand_joined_", mutates_args=("y",))(
