@@ -27,6 +27,15 @@ MAX_PREPARED = 64
 """Batch shapes whose launches a layer keeps (each prefill length is one): past it the layer starts afresh."""
 
 
+def _tokens_and_plan(x: torch.Tensor, view: PlanView) -> tuple[torch.Tensor, tuple]:
+    """``x`` as ``[tokens, in]`` with unit column stride (the kernels' layout), and the plan arguments of the keyed
+    ops for it: the view's segment tensors and the tokens per row."""
+    x_tokens = x.reshape(-1, x.shape[-1])
+    if x_tokens.stride(-1) != 1:
+        x_tokens = x_tokens.contiguous()
+    return x_tokens, (*view.segments, x_tokens.shape[0] // view.num_rows)
+
+
 class TritonBackend(TorchBackend):
     """Segmented-GEMM kernels for Linear layers; embeddings (a gather, one layer per model) use the torch path."""
 
@@ -48,12 +57,8 @@ class TritonBackend(TorchBackend):
             return
         if self._direct_allowed(x, result) and self._add_lora_direct(result, x, packed, view):
             return
-        x_tokens = x.reshape(-1, x.shape[-1])
-        if x_tokens.stride(-1) != 1:
-            x_tokens = x_tokens.contiguous()
+        x_tokens, plan = _tokens_and_plan(x, view)
         y_tokens = result.view(-1, result.shape[-1])  # base outputs are fresh contiguous tensors
-        tokens_per_row = x_tokens.shape[0] // view.num_rows
-        plan = (*view.segments, tokens_per_row)
         # The storage is named by key, not passed (see peft_fastlora.storage_keys): under torch.compile every
         # tensor read from an attribute is a graph input guarded on every call, 20 per decoder layer.
         h = None
@@ -77,11 +82,7 @@ class TritonBackend(TorchBackend):
             return  # no member holds an adapter (the group's shrink output is then never shared: nothing to drop)
         if self._direct_allowed(x, results[0]) and self._add_group_lora_direct(results, x, leader, view, fields):
             return
-        x_tokens = x.reshape(-1, x.shape[-1])
-        if x_tokens.stride(-1) != 1:
-            x_tokens = x_tokens.contiguous()
-        tokens_per_row = x_tokens.shape[0] // view.num_rows
-        plan = (*view.segments, tokens_per_row)
+        x_tokens, plan = _tokens_and_plan(x, view)
         h = keyed_shrink(x_tokens, *plan, fields.group_key, fields.num_slots, fields.group_max_rank)
         outputs = [result.view(-1, result.shape[-1]) for result in results]
         keyed_group_expand_(outputs, h, *plan, list(fields.member_keys), fields.group_rank)
@@ -101,10 +102,7 @@ class TritonBackend(TorchBackend):
         key, max_rank = (fields.group_key, fields.group_max_rank) if group else (fields.key, fields.max_rank)
         if (fields.group_rank if group else fields.max_rank) == 0:
             return None
-        x_tokens = x.reshape(-1, x.shape[-1])
-        if x_tokens.stride(-1) != 1:
-            x_tokens = x_tokens.contiguous()
-        plan = (*view.segments, x_tokens.shape[0] // view.num_rows)
+        x_tokens, plan = _tokens_and_plan(x, view)
         # (the custom ops straight: this runs only while torch.compile traces)
         h = torch.ops.peft_fastlora.keyed_shrink_async(x_tokens, *plan, key, fields.num_slots, max_rank)
         return x_tokens, h, plan
