@@ -175,10 +175,10 @@ def test_fuzz_triton_backend(scenario):
     check(scenario, "triton", device=device)
 
 
-@pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(), reason="needs Triton (GPU or interp.)"
+@pytest.mark.parametrize(
+    "device", [pytest.param("cpu", marks=interpreted), pytest.param("cuda", marks=pytest.mark.gpu)]
 )
-def test_fp32_rounding_amplified_ten_times_is_judged_by_peft_merged_too():
+def test_fp32_rounding_amplified_ten_times_is_judged_by_peft_merged_too(device):
     """The example the H200's fuzzing found (session 34): ours 3.4e-5 off fp64, PEFT's mixed batch 1.2e-5, PEFT's
     merged weights up to 8.4e-5 (``assert_close_to_peft``); interpreted on the CPU ours 1.2e-5, over the 1e-5 bar."""
     scenario = {
@@ -187,7 +187,7 @@ def test_fp32_rounding_amplified_ten_times_is_judged_by_peft_merged_too():
         "names": ["x0", "__base__", "x0", "x0", "x0", "x0", "__base__"],
         "length": 7, "left_padding": False, "seed": 239, "autocast": False, "edit": "lora_A.data.mul_",
     }  # fmt: skip
-    check(scenario, "triton", device="cuda" if torch.cuda.is_available() else "cpu")
+    check(scenario, "triton", device=device)
 
 
 def low_precision_errors(scenario: dict, backend: str, dtype: torch.dtype, device: str) -> dict:
