@@ -143,14 +143,6 @@ def _global_hooks() -> bool:
     return bool(module._global_forward_pre_hooks or module._global_forward_hooks)
 
 
-def _base_hooked(layer) -> bool:
-    """Whether ``layer``'s base layer has forward hooks. Where it has, the side-stream shrink (``launch.OVERLAP``),
-    which reads the input before the base layer runs, is not used: PEFT computes the delta after the base layer's
-    pre-hooks, which may change the input in place."""
-    base = layer._modules["base_layer"]
-    return bool(base._forward_pre_hooks or base._forward_hooks)
-
-
 def _hooks_inside_group_call(leader) -> bool:
     """Whether hooks would run inside a fused leader's call (``_group_forward``), between its members' base layers
     and the group's shrink: global forward hooks, and its members' base layers' own. One that changes the shared
@@ -191,15 +183,9 @@ def _group_forward(leader, x: torch.Tensor, state, view, fields) -> torch.Tensor
     eager calls, of host time. Every member still runs its own forward, so its hooks and PEFT's checks run as
     before; a member called on another input (or none) computes its own output, so a wrong guess about which
     layers read one input costs time, never correctness."""
-    backend = state.backend
-    overlap = backend.overlaps(x) and not _base_hooked(leader)  # (members' base layers: _hooks_inside_group_call)
-    started = backend.start_lora(x, view, fields, group=True) if overlap else None  # (before the GEMMs it runs beside)
     results = [leader.base_layer(x)]
     results += [sibling.base_layer(x) for sibling in leader._fastlora_siblings]
-    if overlap:
-        backend.finish_lora(results, started, fields)
-    else:
-        backend.add_group_lora(results, x, leader, view, fields)
+    state.backend.add_group_lora(results, x, leader, view, fields)
     view.share_outputs(fields.group_key, x, tuple(results[1:]))
     return results[0]
 
@@ -247,17 +233,6 @@ class FastLinearMixin(_FastLayer):
                     return _group_forward(self, x, state, view, fields)
                 else:
                     view.share_outputs(fields.group_key, x, None)  # (members: not a miss, see plan_output)
-            if (
-                fields.group_key is None
-                and not fields.has_dora
-                and state.backend.overlaps(x)
-                and not (_global_hooks() or _base_hooked(self))
-            ):
-                # Compiled, with launch.OVERLAP: the shrink on a side stream beside the base GEMM (see start_lora).
-                started = state.backend.start_lora(x, view, fields, group=False)
-                result = self.base_layer(x, *args, **kwargs)
-                state.backend.finish_lora([result], started, fields)
-                return result
             result = self.base_layer(x, *args, **kwargs)
         if not fields.has_dora:
             state.backend.add_lora(result, x, packed, view)

@@ -8,7 +8,6 @@ of the plan's tensors, never as Python values that dynamo would guard on.
 from __future__ import annotations
 
 import copy
-import re
 
 import pytest
 import torch
@@ -23,11 +22,9 @@ from helpers import (
     oracle_batch,
 )
 from torch._dynamo.utils import counters
-from torch._inductor.utils import run_and_get_code
 from transformers import CompileConfig
 
 from peft_fastlora import patch_model, tiny
-from peft_fastlora.kernels import launch
 
 ASSIGNMENTS = [
     ["a", "b", "__base__", "a"],
@@ -77,92 +74,6 @@ def test_compiled_generate_never_recompiles_across_assignments(backend, assignme
     assert compilations() == after_first, f"recompiled for a new assignment: {dict(counters['frames'])}"
 
 
-@interpreted
-@torch.no_grad()
-def test_compiled_generate_with_side_stream_shrinks(adapter_dirs, monkeypatch):
-    """``launch.OVERLAP``: a compiled forward launches each shrink before the base GEMMs it may run beside and
-    expands after joining (``keyed_shrink_async``, the joined expands), for single layers and fused sibling groups.
-    The same tokens as PEFT's eager generate, for two assignments, with no recompilation. There is no side stream on
-    a CPU, so this checks the traced graph and the ops' order of work; the streams run in the GPU variant of
-    ``test_compiled_generate_on_gpu``."""
-    model = load("llama", adapter_dirs)
-    assignments = ASSIGNMENTS[:3:2]
-    batch = tiny.random_prompts(4, 7, seed=int(torch.randint(0, 1000, ())))
-    eager = {"max_new_tokens": 3, "min_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
-    expected = [model.generate(**batch, adapter_names=names, **eager) for names in assignments]
-    patch_model(model, backend="triton")
-    monkeypatch.setattr(launch, "OVERLAP", True)
-    joins = []
-    join = launch._join_side_stream
-    monkeypatch.setattr(launch, "_join_side_stream", lambda device: (joins.append(device), join(device)))
-    torch._dynamo.reset()
-    counters.clear()
-    kwargs = compiled_kwargs(3, backend="aot_eager", mode=None, fullgraph=True)
-    assert torch.equal(model.generate(**batch, adapter_names=assignments[0], **kwargs), expected[0])
-    after_first = compilations()
-    assert after_first[0] >= 1, "the decode step was not compiled"
-    # Per decoder layer of a compiled step: q/k/v and gate/up fused (one join each), o and down alone.
-    assert len(joins) >= 4 * model.config.num_hidden_layers, len(joins)
-    assert torch.equal(model.generate(**batch, adapter_names=assignments[1], **kwargs), expected[1])
-    assert compilations() == after_first, f"recompiled for a new assignment: {dict(counters['frames'])}"
-
-
-def _call_arguments(line: str, op: str) -> list[str]:
-    """The top-level arguments of the call of ``op`` on one line of inductor's generated code, each reduced to the
-    name it starts with (``reinterpret_tensor(buf3, ...)`` → ``buf3``; a list → its first element's)."""
-    text = line[line.index(op + "(") + len(op) + 1 :]
-    arguments, depth, current = [], 0, ""
-    for character in text:
-        if depth == 0 and character in ",)":
-            arguments.append(current.strip())
-            current = ""
-            if character == ")":
-                break
-            continue
-        depth += (character in "([") - (character in ")]")
-        current += character
-    pattern = r"^\[?(?:reinterpret_tensor\()?([A-Za-z_]\w*).*$"
-    return [re.sub(pattern, r"\1", argument) for argument in arguments]
-
-
-@interpreted
-@torch.no_grad()
-def test_side_stream_shrinks_read_a_buffer_alive_until_their_join(adapter_dirs, monkeypatch):
-    """With ``launch.OVERLAP``, in inductor's generated code for a compiled decode step (on the CPU): each side-stream
-    shrink reads the very buffer of the layer input that its joined expand receives, and no line in between frees,
-    reuses or reassigns that buffer (on a GPU the side stream reads it until the join). Before the fork declared
-    the input mutated, inductor computed the input twice, once for the shrink alone, and gave that copy's memory to
-    a GEMM output right after the fork (a review of the generated code, session 33)."""
-    model = load("llama", adapter_dirs)
-    patch_model(model, backend="triton")
-    monkeypatch.setattr(launch, "OVERLAP", True)
-    torch._dynamo.reset()
-    batch = tiny.random_prompts(2, 5, seed=1)
-    kwargs = compiled_kwargs(2, backend="inductor", mode=None, fullgraph=True)
-    _, sources = run_and_get_code(model.generate, **batch, adapter_names=["a", "c"], **kwargs)
-    lines = "\n".join(sources).splitlines()
-    checked = 0
-    for index, line in enumerate(lines):
-        if "keyed_shrink_async.default(" not in line:
-            continue
-        source = _call_arguments(line, "keyed_shrink_async.default")[0]
-        for later in lines[index + 1 :]:
-            if "expand_joined_.default(" in later:
-                op = (
-                    "keyed_group_expand_joined_.default"
-                    if "group_expand_joined_" in later
-                    else "keyed_expand_joined_.default"
-                )
-                assert _call_arguments(later, op)[2] == source, (line, later)
-                break
-            assert not re.search(rf"\bdel {source}\b|= {source}\b|\b{source} = ", later), (line, later)
-        else:
-            raise AssertionError(f"no joined expand after {line}")
-        checked += 1
-    # Per decoder layer: q/k/v and gate/up (fused groups), o and down (single layers); and lm_head (adapter c).
-    assert checked >= 4 * model.config.num_hidden_layers, checked
-
-
 def teacher_forced_logits(model, sequences: torch.Tensor, prompt_mask: torch.Tensor, names: list) -> torch.Tensor:
     """The logits an unpatched model gives, in one forward over ``sequences`` (prompt + generated tokens), at the
     positions whose logits chose each generated token: ``[batch, new tokens, vocab]``. Position ids follow the
@@ -185,15 +96,11 @@ def generated_vs_oracle(model, peft, oracle, batch: dict, names: list, kwargs: d
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(
-    "backend,dtype,overlap",
-    [(backend, dtype, False) for backend in ("torch", "triton") for dtype in (torch.float32, torch.bfloat16)]
-    + [("triton", torch.float32, True), ("triton", torch.bfloat16, True)],
-)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @torch.no_grad()
-def test_compiled_generate_on_gpu(dtype, backend, overlap, tmp_path, monkeypatch):
+def test_compiled_generate_on_gpu(dtype, backend, tmp_path):
     """Inductor with CUDA graphs (transformers' default compile config): one compilation for four assignments.
-    ``overlap``: with ``launch.OVERLAP``, the shrinks on a side stream inside the CUDA graph.
 
     fp32 (tiny model): greedy tokens equal PEFT's uncompiled static-cache run. bf16 (the wider model): greedy tokens
     of two bf16 computations are no oracle (they parted at row 1, position 13 on an H100), so each compiled step's
@@ -213,7 +120,6 @@ def test_compiled_generate_on_gpu(dtype, backend, overlap, tmp_path, monkeypatch
     if dtype == torch.float32:
         expected = [model.generate(**batch, adapter_names=row, disable_compile=True, **static) for row in assignments]
     patch_model(model, backend=backend)
-    monkeypatch.setattr(launch, "OVERLAP", overlap)
     torch._dynamo.reset()
     counters.clear()
     after_first, compared = None, []

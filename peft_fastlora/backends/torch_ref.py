@@ -25,10 +25,6 @@ class TorchBackend:
     name = "torch"
     fuses_siblings = False  # whether ``add_group_lora`` serves a fused sibling group (``layers._group_forward``)
 
-    def overlaps(self, x: torch.Tensor) -> bool:
-        """Whether ``start_lora``/``finish_lora`` serve this call (the Triton backend's side-stream shrink): never."""
-        return False
-
     def add_lora(self, result: torch.Tensor, x: torch.Tensor, packed: PackedLora, view: PlanView) -> None:
         """Add each row's LoRA delta ``scaling · (x @ Aᵀ) @ Bᵀ`` to ``result`` in place.
 

@@ -87,39 +87,6 @@ class TritonBackend(TorchBackend):
         outputs = [result.view(-1, result.shape[-1]) for result in results]
         keyed_group_expand_(outputs, h, *plan, list(fields.member_keys), fields.group_rank)
 
-    def overlaps(self, x: torch.Tensor) -> bool:
-        """Whether the shrink of input ``x`` runs on a side stream beside the base layers (``launch.OVERLAP``; see
-        ``start_lora``): only while torch.compile traces, where the CUDA graph holds the fork and the join, and for
-        inputs with a sequence dimension, whose plan view is the plan's own buffers. A flattened input's view
-        (``BatchPlan._token_view``) is computed inside the graph, in memory that inductor may reuse once the fork
-        has returned, while the side stream still reads it."""
-        return launch.OVERLAP and torch.compiler.is_compiling() and x.dim() > 2
-
-    def start_lora(self, x: torch.Tensor, view: PlanView, fields: LaunchFields, group: bool) -> tuple | None:
-        """The shrink of ``x`` for a layer (``group``: its fused sibling group), on a side stream, launched before
-        the base layer(s) so that it runs beside their GEMMs; ``finish_lora`` then joins and expands. Returns what
-        ``finish_lora`` takes, or None where the layer holds no adapter (nothing to add)."""
-        key, max_rank = (fields.group_key, fields.group_max_rank) if group else (fields.key, fields.max_rank)
-        if (fields.group_rank if group else fields.max_rank) == 0:
-            return None
-        x_tokens, plan = _tokens_and_plan(x, view)
-        # (the custom ops straight: this runs only while torch.compile traces)
-        h = torch.ops.peft_fastlora.keyed_shrink_async(x_tokens, *plan, key, fields.num_slots, max_rank)
-        return x_tokens, h, plan
-
-    def finish_lora(self, results: list[torch.Tensor], started: tuple | None, fields: LaunchFields) -> None:
-        """Add the deltas of ``start_lora``'s shrink to ``results`` in place (one base output, or a fused group's in
-        member order), after joining the side stream."""
-        if started is None:
-            return
-        x_tokens, h, plan = started
-        outputs = [result.view(-1, result.shape[-1]) for result in results]
-        if len(outputs) == 1:
-            torch.ops.peft_fastlora.keyed_expand_joined_(outputs[0], h, x_tokens, *plan, fields.key, fields.max_rank)
-        else:
-            keys = list(fields.member_keys)
-            torch.ops.peft_fastlora.keyed_group_expand_joined_(outputs, h, x_tokens, *plan, keys, fields.group_rank)
-
     def _add_group_lora_direct(
         self, results: list[torch.Tensor], x: torch.Tensor, leader, view: PlanView, fields: LaunchFields
     ) -> bool:

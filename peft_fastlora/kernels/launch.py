@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import os
-import threading
 
 import torch
 import triton
@@ -609,121 +608,6 @@ def launch_keyed_group_expand(
         _expand_group(launch[0], *launch[1], **launch[2])
 
 
-OVERLAP = os.environ.get("PEFT_FASTLORA_OVERLAP", "0") == "1"
-"""Whether a compiled forward runs each LoRA shrink on a side stream, beside the base layer's GEMM(s) that read the
-same input (``keyed_shrink_async``), joining back before the expand (``keyed_expand_joined_``,
-``keyed_group_expand_joined_``). ``PEFT_FASTLORA_OVERLAP=1`` turns it on.
-
-Why: a compiled decode step is a CUDA graph whose LoRA nodes run one after another with the base model's, and each
-costs its few µs of kernel and about as much idle GPU before the next node (H200, session 32: 256 LoRA launches
-a step, ~2.4 ms of the 3.7 ms a step ours takes over base's). The shrink needs only the layer input, so in the graph
-it can run in parallel with the base GEMMs, leaving one LoRA node (the expand) on the critical path per layer or
-sibling group. Off by default until measured on a GPU (written in session 33, whose device time was spent);
-eager calls never use it (their cost is the host's, and a stream switch adds to it)."""
-
-_side_streams = threading.local()
-"""``_side_streams.by_device``: this thread's side stream per CUDA device index. Per thread, so that one thread's
-join never waits on (or, while another thread captures a CUDA graph, touches) another's side work; a fork and its
-join run on one thread (the traced forward's, while cudagraph trees warm up and capture; a replay runs neither)."""
-
-
-def _side_stream(device: torch.device, create: bool = True) -> torch.cuda.Stream | None:
-    """This thread's side stream of ``device`` (made on first use unless ``create`` is False), or None off CUDA (the
-    shrink then runs in order). A high-priority stream: the LoRA kernels are short and sit beside long GEMMs, and
-    torch hands out high-priority streams from a pool of their own, apart from the default-priority ones that
-    cudagraph trees and other libraries take."""
-    if device.type != "cuda":
-        return None
-    streams = getattr(_side_streams, "by_device", None)
-    if streams is None:
-        streams = _side_streams.by_device = {}
-    stream = streams.get(device.index)
-    if stream is None and create:
-        stream = streams[device.index] = torch.cuda.Stream(device, priority=-1)
-    return stream
-
-
-def launch_keyed_shrink_async(
-    x: torch.Tensor,
-    sorted_rows: torch.Tensor,
-    seg_slots: torch.Tensor,
-    seg_starts: torch.Tensor,
-    seg_lens: torch.Tensor,
-    num_segments: torch.Tensor,
-    tokens_per_row: int,
-    key: int,
-    num_slots: int,
-    max_rank: int,
-) -> torch.Tensor:
-    """``launch_keyed_shrink`` on ``x``'s device's side stream, after everything queued so far on the current one:
-    returns at once with ``h``, which holds the result only once the current stream has joined the side stream
-    (``_join_side_stream``, in the joined expands). Every allocation is made on the current stream, so the caching
-    allocator orders their reuse there; the caller keeps ``x`` and ``h`` alive until the join (the joined expands
-    take both), since the side stream reads ``x`` and writes ``h`` until then."""
-    a, offsets, ranks = storage_keys.lookup(key).shrink_operands()
-    plan = (sorted_rows, seg_slots, seg_starts, seg_lens, num_segments)
-    h, shrink = shrink_launch(x, a, offsets, ranks, *plan, tokens_per_row, max_rank)
-    side = _side_stream(x.device)
-    if side is None:
-        if shrink is not None:
-            _shrink(shrink[0], *shrink[1], **shrink[2])
-        return h
-    # The fork even with nothing to launch: the join waits on the side stream, which during a CUDA-graph capture
-    # must be part of the capture.
-    side.wait_stream(torch.cuda.current_stream(x.device))
-    if shrink is not None:
-        with torch.cuda.stream(side):
-            _shrink(shrink[0], *shrink[1], **shrink[2])
-    return h
-
-
-def _join_side_stream(device: torch.device) -> None:
-    """Make the current stream of ``device`` wait for everything this thread queued on its side stream so far."""
-    side = _side_stream(device, create=False)
-    if side is not None:
-        torch.cuda.current_stream(device).wait_stream(side)
-
-
-def launch_keyed_expand_joined(
-    y: torch.Tensor,
-    h: torch.Tensor,
-    x: torch.Tensor,
-    sorted_rows: torch.Tensor,
-    seg_slots: torch.Tensor,
-    seg_starts: torch.Tensor,
-    seg_lens: torch.Tensor,
-    num_segments: torch.Tensor,
-    tokens_per_row: int,
-    key: int,
-    max_rank: int,
-) -> None:
-    """``launch_keyed_expand`` (unshared ``h``) of ``keyed_shrink_async``'s ``h``, after joining the side stream.
-    ``x`` is the shrink's input, taken only so that it stays allocated until the side stream has read it."""
-    _join_side_stream(h.device)  # (the device the shrink ran on)
-    plan = (sorted_rows, seg_slots, seg_starts, seg_lens, num_segments)
-    launch_keyed_expand(y, h, *plan, tokens_per_row, key, False, max_rank)
-
-
-def launch_keyed_group_expand_joined(
-    ys: list[torch.Tensor],
-    h: torch.Tensor,
-    x: torch.Tensor,
-    sorted_rows: torch.Tensor,
-    seg_slots: torch.Tensor,
-    seg_starts: torch.Tensor,
-    seg_lens: torch.Tensor,
-    num_segments: torch.Tensor,
-    tokens_per_row: int,
-    keys: list[int],
-    max_rank: int,
-) -> None:
-    """``launch_keyed_group_expand`` of ``keyed_shrink_async``'s ``h``, after joining the side stream (``x``: as for
-    ``launch_keyed_expand_joined``)."""
-    _join_side_stream(h.device)
-    plan = (sorted_rows, seg_slots, seg_starts, seg_lens, num_segments)
-    launch_keyed_group_expand(ys, h, *plan, tokens_per_row, keys, max_rank)
-
-
 # The custom ops are what torch.compile sees, with the storage as a key, not as tensors (see storage_keys); eager
 # calls skip their dispatch cost (tens of µs per call measured on an H100, in every LoRA layer of every decode step).
 keyed_shrink_op = torch.library.custom_op("peft_fastlora::keyed_shrink", mutates_args=())(launch_keyed_shrink)
@@ -731,19 +615,6 @@ keyed_expand_op = torch.library.custom_op("peft_fastlora::keyed_expand_", mutate
 keyed_group_expand_op = torch.library.custom_op("peft_fastlora::keyed_group_expand_", mutates_args=("ys",))(
     launch_keyed_group_expand
 )
-# The fork declares that it mutates x (it does not): inductor then hands the shrink, the base GEMMs and the joined
-# expand one and the same buffer of x, alive until the join. Without it inductor computed x twice (the norm before
-# q/k/v), once for the shrink, and reused that copy's memory for a GEMM output while the side stream still read it
-# (a review of the generated code, session 33).
-keyed_shrink_async_op = torch.library.custom_op("peft_fastlora::keyed_shrink_async", mutates_args=("x",))(
-    launch_keyed_shrink_async
-)
-keyed_expand_joined_op = torch.library.custom_op("peft_fastlora::keyed_expand_joined_", mutates_args=("y",))(
-    launch_keyed_expand_joined
-)
-keyed_group_expand_joined_op = torch.library.custom_op(
-    "peft_fastlora::keyed_group_expand_joined_", mutates_args=("ys",)
-)(launch_keyed_group_expand_joined)
 
 
 @keyed_shrink_op.register_fake
@@ -758,21 +629,8 @@ def _keyed_shrink_fake(x, sorted_rows, seg_slots, seg_starts, seg_lens, num_segm
     return x.new_empty(splits, num_tokens, h_width(max_rank), dtype=torch.float32)
 
 
-keyed_shrink_async_op.register_fake(_keyed_shrink_fake)
-
-
 @keyed_expand_op.register_fake
 def _keyed_expand_fake(y, h, *plan_and_sizes) -> None:
-    return None
-
-
-@keyed_expand_joined_op.register_fake
-def _keyed_expand_joined_fake(y, h, x, *plan_and_sizes) -> None:
-    return None
-
-
-@keyed_group_expand_joined_op.register_fake
-def _keyed_group_expand_joined_fake(ys, h, x, *plan_and_sizes) -> None:
     return None
 
 
