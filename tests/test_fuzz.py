@@ -97,23 +97,23 @@ EDITS = {
 
 
 def assert_close_to_peft(actual: torch.Tensor, expected: torch.Tensor, peft, batch: dict, names: list, rtol: float):
-    """``actual`` within ``rtol`` of PEFT's ``expected`` (from the unpatched model ``peft``), or, where PEFT's own
-    result is off by more than that, within ``ROUNDING_SPREAD`` times the worse of PEFT's own two fp32 results'
-    errors against an fp64 copy of ``peft``: its mixed batch (``expected``) and its merged weights
-    (``merge_and_unload``).
+    """``actual`` within ``rtol`` of PEFT's ``expected`` (from the unpatched model ``peft``), or, where the two differ
+    by more than that, within ``ROUNDING_SPREAD`` times the worse of PEFT's own two fp32 results' errors against an
+    fp64 copy of ``peft`` (its mixed batch, ``expected``, and its merged weights, ``merge_and_unload``), and never
+    more than ``MAX_FP32_ERROR`` from it.
 
     Large scalings amplify rounding. With one rsLoRA adapter of rank 1 and alpha 32 (scaling 32) on q/k/v/gate
     (``fp32_rounding_errors``, 30 seeds × before and after an edit, interpreted Triton on the CPU), PEFT's merged
     weights, the same adapter summed in another order, were 2.4x as far from fp64 as its mixed batch in the median
     and up to 30x, and ours 1.0x in the median, up to 7.6x PEFT's mixed batch and 2.5x the worse of PEFT's two.
-    A stale or wrong weight is off by 0.1-1, TF32 in an fp32 path by ~1e-3: far beyond either bar.
+    A stale or wrong weight is off by 0.1-1, TF32 in an fp32 path by ~1e-3 (more where rounding is amplified).
     ``test_fp32_accuracy_is_within_peft_own_orders`` holds ours to PEFT's orders in aggregate."""
     if (actual.float() - expected.float()).abs().max() <= rtol * expected.abs().max().clamp_min(1e-12):
         assert not torch.isnan(actual).any(), "output has NaN"
         return
     truth = copy.deepcopy(peft).to(torch.float64)(**batch, adapter_names=names).logits
     peft_error = max(relative_error(expected, truth), relative_error(merged_logits(peft, batch, names), truth))
-    assert_close_relative(actual.double(), truth, rtol=max(rtol, ROUNDING_SPREAD * peft_error))
+    assert_close_relative(actual.double(), truth, rtol=min(max(rtol, ROUNDING_SPREAD * peft_error), MAX_FP32_ERROR))
 
 
 ROUNDING_SPREAD = 4.0
@@ -121,6 +121,21 @@ ROUNDING_SPREAD = 4.0
 where ours and PEFT's differ by more than the 1e-5 bar (``assert_close_to_peft``): one order against another
 varies up to 30x on the same example, ours against the worse of PEFT's up to 2.5x (60 cases on the CPU); the H200
 found 2.9x against PEFT's mixed batch alone (session 34: 3.4e-5 against 1.2e-5)."""
+
+MAX_FP32_ERROR = 2e-4
+"""The cap of ``assert_close_to_peft``'s bar, whatever PEFT's own errors: PEFT's fp32 orders reached 1.2e-4 and ours
+4.9e-5 in the 60 CPU cases above, so a broken PEFT reference cannot widen the bar past what rounding explains."""
+
+
+def amplifying_scenario(seed: int, edit: str | None = None) -> dict:
+    """A fuzzing scenario that amplifies fp32 rounding: one rsLoRA adapter of rank 1 and alpha 32 (scaling 32) on
+    q/k/v/gate, five of seven rows."""
+    return {
+        "adapters": [{"r": 1, "lora_alpha": 32, "use_rslora": True, "target_modules": ["k_proj", "v_proj",
+                      "gate_proj", "q_proj"]}],
+        "names": ["x0", "__base__", "x0", "x0", "x0", "x0", "__base__"],
+        "length": 7, "left_padding": False, "seed": seed, "autocast": False, "edit": edit,
+    }  # fmt: skip
 
 
 @torch.no_grad()
@@ -184,29 +199,19 @@ def test_fuzz_triton_backend(scenario):
 @pytest.mark.parametrize(
     "device", [pytest.param("cpu", marks=interpreted), pytest.param("cuda", marks=pytest.mark.gpu)]
 )
-def test_fp32_rounding_amplified_ten_times_is_judged_by_peft_merged_too(device):
-    """The example the H200's fuzzing found (session 34): ours 3.4e-5 off fp64 (1.6e-5 after the edit in another
-    run), PEFT's mixed batch 1.2e-5, PEFT's merged weights 1.2e-5 on the H200 and 8.4e-5 on one row on the CPU
-    (``assert_close_to_peft``); interpreted on the CPU ours 1.2e-5, over the 1e-5 bar."""
-    scenario = {
-        "adapters": [{"r": 1, "lora_alpha": 32, "use_rslora": True, "target_modules": ["k_proj", "v_proj",
-                      "gate_proj", "q_proj"]}],
-        "names": ["x0", "__base__", "x0", "x0", "x0", "x0", "__base__"],
-        "length": 7, "left_padding": False, "seed": 239, "autocast": False, "edit": "lora_A.data.mul_",
-    }  # fmt: skip
-    check(scenario, "triton", device=device)
+def test_amplified_fp32_rounding_is_judged_against_peft_merged_too(device):
+    """The example the H200's fuzzing found (session 34, seed 239): before the edit ours 3.4e-5 off fp64 against
+    PEFT's mixed batch 1.2e-5 (run A); after it, in another run, ours 1.6e-5 against 1.2e-5 for both of PEFT's
+    orders (run C). On the CPU (interpreted) ours 1.2e-5, PEFT's mixed batch 5.3e-6 and its merged weights 8.4e-5
+    on one row (``assert_close_to_peft``)."""
+    check(amplifying_scenario(239, "lora_A.data.mul_"), "triton", device=device)
 
 
 def fp32_rounding_errors(seed: int, device: str) -> list[tuple[float, float, float]]:
     """(PEFT's mixed batch, PEFT's merged weights, ours): each fp32 result's relative error against an fp64 copy, for
-    one rsLoRA adapter of rank 1 and alpha 32 on q/k/v/gate (rounding amplified), before and after ``lora_A`` is
-    scaled by -1.5 in place."""
-    scenario = {
-        "adapters": [{"r": 1, "lora_alpha": 32, "use_rslora": True, "target_modules": ["k_proj", "v_proj",
-                      "gate_proj", "q_proj"]}],
-        "names": ["x0", "__base__", "x0", "x0", "x0", "x0", "__base__"],
-        "length": 7, "left_padding": False, "seed": seed, "autocast": False,
-    }  # fmt: skip
+    an example that amplifies rounding, before and after ``lora_A`` is
+    scaled by -1.5 in place (``amplifying_scenario``)."""
+    scenario = amplifying_scenario(seed)
     model, batch = build(scenario, torch.float32, device)
     peft, names, errors = copy.deepcopy(model), scenario["names"], []
     with torch.no_grad():
