@@ -111,7 +111,7 @@ def assert_close_to_peft(actual: torch.Tensor, expected: torch.Tensor, peft, bat
     if (actual.float() - expected.float()).abs().max() <= rtol * expected.abs().max().clamp_min(1e-12):
         assert not torch.isnan(actual).any(), "output has NaN"
         return
-    truth = copy.deepcopy(peft).to(torch.float64)(**batch, adapter_names=names).logits
+    truth = fp64_logits(peft, batch, names)
     peft_error = max(relative_error(expected, truth), relative_error(merged_logits(peft, batch, names), truth))
     assert_close_relative(actual.double(), truth, rtol=min(max(rtol, ROUNDING_SPREAD * peft_error), MAX_FP32_ERROR))
 
@@ -138,18 +138,22 @@ def amplifying_scenario(seed: int, edit: str | None = None) -> dict:
     }  # fmt: skip
 
 
+def fp64_logits(peft, batch: dict, names: list) -> torch.Tensor:
+    """The logits of an fp64 copy of the unpatched model ``peft`` (PEFT's mixed batch): the fuzzing's fp32 truth."""
+    return copy.deepcopy(peft).to(torch.float64)(**batch, adapter_names=names).logits
+
+
 @torch.no_grad()
 def merged_logits(peft, batch: dict, names: list) -> torch.Tensor:
     """PEFT's logits for ``names`` through merged weights: each row from a copy of ``peft`` with its adapter merged
     into the base weights (``merge_and_unload``; ``__base__`` rows from the copy with adapters disabled)."""
     by_name = {}
     for name in set(names):
-        model = copy.deepcopy(peft)
         if name == "__base__":
-            with model.disable_adapter():
-                by_name[name] = model(**batch).logits
+            with peft.disable_adapter():  # (restores the adapters on exit: no copy needed)
+                by_name[name] = peft(**batch).logits
         else:
-            by_name[name] = model.merge_and_unload(adapter_names=[name])(**batch).logits
+            by_name[name] = copy.deepcopy(peft).merge_and_unload(adapter_names=[name])(**batch).logits
     return torch.stack([by_name[name][index] for index, name in enumerate(names)])
 
 
@@ -209,8 +213,8 @@ def test_amplified_fp32_rounding_is_judged_against_peft_merged_too(device):
 
 def fp32_rounding_errors(seed: int, device: str) -> list[tuple[float, float, float]]:
     """(PEFT's mixed batch, PEFT's merged weights, ours): each fp32 result's relative error against an fp64 copy, for
-    an example that amplifies rounding, before and after ``lora_A`` is
-    scaled by -1.5 in place (``amplifying_scenario``)."""
+    an example that amplifies rounding (``amplifying_scenario``), before and after ``lora_A`` is scaled by -1.5 in
+    place."""
     scenario = amplifying_scenario(seed)
     model, batch = build(scenario, torch.float32, device)
     peft, names, errors = copy.deepcopy(model), scenario["names"], []
@@ -220,7 +224,7 @@ def fp32_rounding_errors(seed: int, device: str) -> list[tuple[float, float, flo
             if edit is not None:
                 for target in (model, peft):
                     edit(target, seed=seed)
-            truth = copy.deepcopy(peft).to(torch.float64)(**batch, adapter_names=names).logits
+            truth = fp64_logits(peft, batch, names)
             errors.append(tuple(relative_error(logits, truth) for logits in (
                 peft(**batch, adapter_names=names).logits, merged_logits(peft, batch, names),
                 model(**batch, adapter_names=names).logits)))  # fmt: skip
